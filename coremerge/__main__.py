@@ -1,0 +1,5 @@
+import sys
+
+from coremerge.cli import main
+
+sys.exit(main())

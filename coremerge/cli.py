@@ -1,0 +1,156 @@
+"""The ``coremerge`` command: merge, inspect, demo.
+
+Bad input ends with one line on stderr naming the adapter and what was expected,
+exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _parse_weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,0.5,1; got {text!r}")
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return key, float(value) if any(c in value for c in ".eE") else int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number for {key}, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from coremerge import __version__
+    from coremerge.merge import DTYPES
+    from coremerge.methods import METHODS
+    from coremerge.spaces import SPACES
+
+    parser = argparse.ArgumentParser(prog="coremerge", description="Merge LoRA adapters in Core Space.")
+    parser.add_argument("--version", action="version", version=f"coremerge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge PEFT LoRA adapters into one adapter directory")
+    merge.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directory or hub id org/name[@rev]")
+    merge.add_argument("--out", required=True, type=Path, help="output adapter directory")
+    merge.add_argument("--method", default="ta", help=f"merge method: {', '.join(METHODS)} (default: ta)")
+    merge.add_argument("--space", default="core", help=f"where to merge: {', '.join(SPACES)} (default: core)")
+    merge.add_argument("--alpha", type=float, default=1.0, help="global scale of the merged update (default: 1)")
+    merge.add_argument("--weights", type=_parse_weights, help="per-adapter weights, comma-separated")
+    merge.add_argument("--density", type=float, help="fraction kept, in (0, 1] (ties, dare, dare_ties; cart's rank fraction)")
+    merge.add_argument("--param", "-p", type=_parse_param, action="append", default=[], metavar="NAME=VALUE",
+                       help="another hyper-parameter of the method, e.g. -p common_fraction=0.8 (iso_cts), -p lam=1.5 (cart)")
+    merge.add_argument("--rank", type=int, help="truncate every merged module to this rank (best approximation)")
+    merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare, dare_ties)")
+    merge.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the inputs')")
+    merge.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"],
+                       help="dtype of the merge math (default: float32)")
+    merge.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    merge.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    merge.add_argument("--push-to-hub", metavar="REPO", help="upload the merged directory to this Hub repository")
+
+    inspect = sub.add_parser("inspect", help="show adapters' modules, ranks, scales and whether they merge")
+    inspect.add_argument("adapters", nargs="+", metavar="ADAPTER")
+
+    demo = sub.add_parser("demo", help="write small example adapters and merge them (on local Ray)")
+    demo.add_argument("--dir", type=Path, default=Path("demo-out"), help="where to write (default: ./demo-out)")
+    demo.add_argument("--no-ray", action="store_true", help="merge in this process instead of the Ray pipeline")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "merge":
+            return _merge(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        from coremerge.demo import run_demo
+
+        return run_demo(args.dir, use_ray=not args.no_ray)
+    except (ValueError, FileNotFoundError) as exc:
+        message = " ".join(str(exc).split())  # one line, always
+        print(f"coremerge: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("coremerge: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from coremerge import hub
+    from coremerge.merge import MergeOptions, merge_to_dir, parse_dtype
+
+    params = dict(args.param)
+    if args.density is not None:
+        params["density"] = args.density
+    options = MergeOptions(method=args.method, space=args.space, alpha=args.alpha, weights=args.weights,
+                           params=params, rank=args.rank, seed=args.seed,
+                           compute_dtype=parse_dtype(args.compute_dtype), device=args.device)
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(desc="merging", unit="module", file=sys.stderr)
+    try:
+        out = merge_to_dir(args.adapters, args.out, options,
+                           dtype=parse_dtype(args.dtype) if args.dtype else None, force=args.force,
+                           on_module=(lambda _name: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"wrote {out}")
+    if args.push_to_hub:
+        print(f"pushed to {hub.push_to_hub(out, args.push_to_hub)}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from coremerge import peft_io
+    from coremerge.merge import dtype_name
+
+    sources = [peft_io.open_adapter(spec) for spec in args.adapters]
+    for src in sources:
+        ranks = sorted({m.rank for m in src.modules.values()})
+        scales = sorted({round(m.scale, 6) for m in src.modules.values()})
+        print(f"{src.name}: {src.peft_type}, {len(src.modules)} modules, ranks {ranks}, scales {scales}, "
+              f"{dtype_name(src.dtype)}, base {src.config.get('base_model_name_or_path')}")
+    print()
+    header = ["module", "shape"] + [f"[{i}] r/scale" for i in range(len(sources))]
+    rows = []
+    for name in peft_io.union_modules(sources):
+        specs = [src.modules.get(name) for src in sources]
+        first = next(s for s in specs if s is not None)
+        rows.append([name, f"{first.out_features}x{first.in_features}"]
+                    + [f"{s.rank}/{s.scale:.4g}" if s is not None else "-" for s in specs])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print()
+    try:
+        peft_io.check_compatible(sources)
+    except ValueError as exc:
+        print(f"cannot be merged together: {exc}")
+        return 1
+    print(f"can be merged together: {len(rows)} modules, summed rank up to "
+          f"{max(sum(s.modules[n].rank for s in sources if n in s.modules) for n in peft_io.union_modules(sources))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""A whole merge of PEFT adapters: options, per-module work, the report.
+
+This is the one place that turns adapter directories into a merged adapter. The
+``coremerge merge`` command calls :func:`merge_to_dir`; the Ray pipeline calls
+:func:`merge_module_of` shard by shard and :func:`finish` to write the same directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from coremerge import methods, peft_io
+from coremerge.spaces import CoreSpace, check_space, merge_module, module_generator
+from coremerge.types import LowRank
+
+log = logging.getLogger(__name__)
+
+DTYPES: Mapping[str, torch.dtype] = {
+    "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str, *, what: str = "dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown {what} {name!r}; expected one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything that decides the merged tensors (and nothing about files).
+
+    ``weights`` has one entry per adapter (default: all 1). ``params`` holds the method's
+    hyper-parameters; :meth:`checked` fills in the defaults and refuses unknown ones.
+    """
+
+    method: str = "ta"
+    space: str = "core"
+    alpha: float = 1.0
+    weights: tuple[float, ...] | None = None
+    params: Mapping[str, object] = field(default_factory=dict)
+    rank: int | None = None
+    seed: int = 0
+    compute_dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    def checked(self, num_adapters: int) -> "MergeOptions":
+        """A validated copy with the method's defaults filled in; ValueError on bad values."""
+        check_space(self.space)
+        params = methods.check_params(self.method, self.params)
+        if not _is_number(self.alpha):
+            raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
+        weights = (1.0,) * num_adapters if self.weights is None else tuple(self.weights)
+        if len(weights) != num_adapters:
+            raise ValueError(f"got {len(weights)} weights for {num_adapters} adapters; give one per adapter")
+        if not all(_is_number(w) for w in weights):
+            raise ValueError(f"weights must be finite numbers, got {list(weights)}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"compute dtype must be float32 or float64, got {dtype_name(self.compute_dtype)}")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} was asked for, but torch sees no CUDA device")
+        return replace(self, params=params, weights=tuple(float(w) for w in weights), alpha=float(self.alpha))
+
+    def describe(self) -> dict[str, object]:
+        """The options as plain JSON values, for merge_report.json."""
+        return {
+            "method": self.method, "space": self.space, "alpha": self.alpha, "params": dict(self.params),
+            "weights": list(self.weights) if self.weights is not None else None, "rank": self.rank,
+            "seed": self.seed, "compute_dtype": dtype_name(self.compute_dtype), "device": str(self.device),
+        }
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def present_in(sources: Sequence[peft_io.AdapterSource], module: str) -> list[int]:
+    """Indices of the adapters that have ``module`` (the others are left out of its merge)."""
+    return [i for i, src in enumerate(sources) if module in src.modules]
+
+
+def build_core_space(sources: Sequence[peft_io.AdapterSource], module: str, *,
+                     compute_dtype: torch.dtype = torch.float32, device: str = "cpu") -> CoreSpace:
+    """Read one module's factors from every adapter that has it and build its core space."""
+    factors = [peft_io.load_factors(sources[i], module, dtype=compute_dtype, device=device)
+               for i in present_in(sources, module)]
+    return CoreSpace.build(factors)
+
+
+def merge_module_of(sources: Sequence[peft_io.AdapterSource], module: str, options: MergeOptions, *,
+                    core_space: CoreSpace | None = None) -> LowRank:
+    """Merge one module of the adapters; ``options`` must come from :meth:`MergeOptions.checked`.
+
+    A ``core_space`` built earlier for the same adapters and module (a sweep) is reused.
+    The result stays on ``options.device`` in the compute dtype.
+    """
+    present = present_in(sources, module)
+    weights = [options.weights[i] for i in present]
+    method = methods.get_method(options.method)
+    generator = module_generator(options.seed, module) if method.random else None
+    if options.space == "core":
+        space = core_space or build_core_space(sources, module, compute_dtype=options.compute_dtype,
+                                               device=options.device)
+        return space.merge(options.method, weights=weights, alpha=options.alpha, params=options.params,
+                           generator=generator, rank=options.rank)
+    factors = [peft_io.load_factors(sources[i], module, dtype=options.compute_dtype, device=options.device)
+               for i in present]
+    return merge_module(factors, method=options.method, space=options.space, weights=weights,
+                        alpha=options.alpha, params=options.params, generator=generator, rank=options.rank)
+
+
+def output_dtype(sources: Sequence[peft_io.AdapterSource], requested: torch.dtype | None) -> torch.dtype:
+    """The requested dtype, else the inputs' (float32 when they differ, float64 if one is)."""
+    if requested is not None:
+        return requested
+    dtypes = {src.dtype for src in sources}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def open_all(specs: Sequence[str | Path]) -> list[peft_io.AdapterSource]:
+    """Open and validate every adapter (headers only) and check they can be merged together."""
+    if not specs:
+        raise ValueError("no adapters given; name at least one adapter directory or hub id")
+    sources = [peft_io.open_adapter(spec) for spec in specs]
+    peft_io.check_compatible(sources)
+    return sources
+
+
+def build_report(sources: Sequence[peft_io.AdapterSource], options: MergeOptions,
+                 merged: Mapping[str, LowRank], *, out_dtype: torch.dtype,
+                 timings: Mapping[str, float]) -> dict[str, object]:
+    """merge_report.json: what went in, how it was merged, what came out."""
+    from coremerge import __version__
+
+    return {
+        "coremerge_version": __version__,
+        "inputs": [
+            {"adapter": src.name, "path": str(src.path), "weights_file": src.weights_file.name,
+             "sha256": peft_io.file_sha256(src.weights_file), "peft_type": src.peft_type,
+             "modules": len(src.modules), "dtype": dtype_name(src.dtype)}
+            for src in sources
+        ],
+        **options.describe(),
+        "output_dtype": dtype_name(out_dtype),
+        "modules": {
+            name: {"rank": lr.rank, "adapters": len(present_in(sources, name)),
+                   **({"energy_kept": lr.energy_kept} if lr.energy_kept is not None else {})}
+            for name, lr in sorted(merged.items())
+        },
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+
+def finish(out_dir: str | Path, sources: Sequence[peft_io.AdapterSource], options: MergeOptions,
+           merged: Mapping[str, LowRank], *, out_dtype: torch.dtype, timings: Mapping[str, float],
+           force: bool = False) -> Path:
+    """Write the merged adapter directory (atomically) with its config and report."""
+    config = peft_io.adapter_config_for(sources, {name: lr.rank for name, lr in merged.items()})
+    started = time.perf_counter()
+    report = build_report(sources, options, merged, out_dtype=out_dtype, timings=timings)
+    timings = {**timings, "write": time.perf_counter() - started}
+    report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+    return peft_io.write_adapter(out_dir, merged, config=config, report=report, dtype=out_dtype, force=force)
+
+
+def merge_to_dir(specs: Sequence[str | Path], out_dir: str | Path, options: MergeOptions, *,
+                 dtype: torch.dtype | None = None, force: bool = False,
+                 on_module: Callable[[str], None] | None = None) -> Path:
+    """Merge the adapters named by ``specs`` into a PEFT adapter directory ``out_dir``.
+
+    Everything is validated before any work; nothing is written unless the whole merge
+    succeeded. ``on_module`` is called after each merged module (progress bars).
+
+    Example:
+        >>> merge_to_dir(["a/", "b/"], "merged/", MergeOptions(method="tsv", alpha=0.9))  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    if Path(out_dir).exists() and not force:
+        raise ValueError(f"output directory {out_dir} exists; pass --force to overwrite it")
+    sources = open_all(specs)
+    options = options.checked(len(sources))
+    out_dtype = output_dtype(sources, dtype)
+    t1 = time.perf_counter()
+    merged: dict[str, LowRank] = {}
+    for module in peft_io.union_modules(sources):
+        merged[module] = merge_module_of(sources, module, options).to(dtype=out_dtype, device="cpu")
+        if on_module is not None:
+            on_module(module)
+    t2 = time.perf_counter()
+    log.info("merged %d modules of %d adapters in %.2f s", len(merged), len(sources), t2 - t1)
+    return finish(out_dir, sources, options, merged, out_dtype=out_dtype,
+                  timings={"open": t1 - t0, "merge": t2 - t1}, force=force)

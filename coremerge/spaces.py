@@ -1,0 +1,137 @@
+"""Where a merge happens: core space (this method), full space and KnOTS (the baselines).
+
+Every space turns one module's adapters into T task matrices, applies the per-adapter
+weights (before the merge function, for every method), calls the merge method, and
+returns LoRA factors with scale 1:
+
+- core:  task matrices are the (ku, kv) core matrices M_t; ΔW = U · f(w_t M_t) · V.
+- full:  task matrices are the dense updates ΔW_t (m, n), what PEFT's *_svd merges and
+         mergekit do; the result is factored back by an SVD of the m x n merge.
+- knots: SVD of the concatenation [ΔW_1 … ΔW_T] = U S [V_1 … V_T]; the task matrices
+         are the per-task right factors V_t (d, n); ΔW = U S f(w_t V_t).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from coremerge import methods
+from coremerge.basis import Basis, reference_basis
+from coremerge.linalg import factor_between, factor_dense, thin_svd
+from coremerge.project import project
+from coremerge.reconstruct import to_lowrank
+from coremerge.types import LoraFactors, LowRank
+
+SPACES = ("core", "full", "knots")
+
+
+def module_generator(seed: int, module: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, module name) through a stable hash.
+
+    The same seed gives the same random masks for a module in any process, on any run
+    (Python's ``hash()`` is salted per process, so it is never used).
+    """
+    digest = hashlib.sha256(f"coremerge:{seed}:{module}".encode()).digest()
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return generator
+
+
+def check_space(space: str) -> str:
+    if space not in SPACES:
+        raise ValueError(f"unknown merge space {space!r}; expected one of: {', '.join(SPACES)}")
+    return space
+
+
+@dataclass(frozen=True)
+class CoreSpace:
+    """One module of one adapter set in core space: the reusable part of every merge.
+
+    A sweep (many methods, alphas, weights over the same adapters) builds this once per
+    module and calls :meth:`merge` for each combination. ``cores`` is never modified.
+
+    Example:
+        >>> fs = [LoraFactors(a=torch.randn(2, 9), b=torch.randn(7, 2)) for _ in range(3)]
+        >>> space = CoreSpace.build(fs)
+        >>> merged = space.merge("ta", weights=[1.0, 1.0, 1.0])
+        >>> torch.allclose(merged.delta(), sum(f.delta() for f in fs), atol=1e-5)
+        True
+    """
+
+    basis: Basis
+    cores: Tensor  # (T, ku, kv), unweighted
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def build(cls, factors: Sequence[LoraFactors]) -> "CoreSpace":
+        basis = reference_basis(factors)
+        return cls(basis=basis, cores=project(factors, basis), ranks=tuple(f.rank for f in factors))
+
+    def merge(self, method: str, *, weights: Sequence[float], alpha: float = 1.0,
+              params: Mapping[str, object] | None = None, generator: torch.Generator | None = None,
+              rank: int | None = None) -> LowRank:
+        tasks = _weighted(self.cores, weights)  # (T, ku, kv)
+        if 0 in tasks.shape[1:]:  # every adapter's update is exactly zero here
+            return _zero_module(self.basis.u.shape[0], self.basis.v.shape[1], self.cores, rank)
+        merged = methods.apply(method, tasks, alpha=alpha, params=params, task_ranks=self.ranks,
+                               generator=generator)  # (ku, kv)
+        return to_lowrank(self.basis, merged, rank=rank)
+
+
+def merge_module(factors: Sequence[LoraFactors], *, method: str, space: str = "core",
+                 weights: Sequence[float] | None = None, alpha: float = 1.0,
+                 params: Mapping[str, object] | None = None, generator: torch.Generator | None = None,
+                 rank: int | None = None) -> LowRank:
+    """Merge one module's adapters in ``space`` with ``method``; LoRA factors with scale 1.
+
+    ``factors`` hold only the adapters that have this module (an adapter without it is left
+    out, not treated as a zero task). ``weights`` default to 1 for each.
+    """
+    check_space(space)
+    if not factors:
+        raise ValueError("merge_module needs at least one adapter's factors")
+    weights = [1.0] * len(factors) if weights is None else list(weights)
+    if len(weights) != len(factors):
+        raise ValueError(f"got {len(weights)} weights for {len(factors)} adapters")
+    if space == "core":
+        return CoreSpace.build(factors).merge(method, weights=weights, alpha=alpha, params=params,
+                                              generator=generator, rank=rank)
+    deltas = torch.stack([f.delta() for f in factors])  # (T, m, n)
+    if space == "full":
+        tasks = _weighted(deltas, weights)  # (T, m, n)
+        merged = methods.apply(method, tasks, alpha=alpha, params=params, task_ranks=None,
+                               generator=generator)  # (m, n)
+        return factor_dense(merged, rank)
+    return _merge_knots(deltas, factors, method=method, weights=weights, alpha=alpha, params=params,
+                        generator=generator, rank=rank)
+
+
+def _merge_knots(deltas: Tensor, factors: Sequence[LoraFactors], *, method: str, weights: Sequence[float],
+                 alpha: float, params: Mapping[str, object] | None, generator: torch.Generator | None,
+                 rank: int | None) -> LowRank:
+    num_tasks, m, n = deltas.shape
+    concat = deltas.permute(1, 0, 2).reshape(m, num_tasks * n)  # (m, T n) = [ΔW_1 … ΔW_T]
+    u, s, vh = thin_svd(concat)  # (m, d), (d,), (d, T n)
+    if s.numel() == 0:
+        return _zero_module(m, n, deltas, rank)
+    right = vh.reshape(-1, num_tasks, n).permute(1, 0, 2)  # (T, d, n): V_t
+    tasks = _weighted(right, weights)  # (T, d, n)
+    merged = methods.apply(method, tasks, alpha=alpha, params=params,
+                           task_ranks=tuple(f.rank for f in factors), generator=generator)  # (d, n)
+    # ΔW = u · (diag(s) f); u is orthonormal, so truncation needs only the SVD of the (d, n) right side.
+    return factor_between(u, s[:, None] * merged, None, rank)
+
+
+def _weighted(tasks: Tensor, weights: Sequence[float]) -> Tensor:
+    w = torch.as_tensor(list(weights), dtype=tasks.dtype, device=tasks.device)  # (T,)
+    return tasks * w[:, None, None]  # (T, p, q), a new tensor: cached cores stay untouched
+
+
+def _zero_module(m: int, n: int, like: Tensor, rank: int | None) -> LowRank:
+    """A rank-1 all-zero LoRA module (PEFT needs r >= 1) for a module whose every update is zero."""
+    return LowRank(a=like.new_zeros(1, n), b=like.new_zeros(m, 1), energy_kept=None if rank is None else 1.0)

@@ -1,0 +1,207 @@
+"""The `coremerge` command as a user runs it: real PEFT adapters of a tiny random Llama,
+merged by the installed command, loaded back with PeftModel.from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def save_adapter(path: Path, lora_config, seed: int) -> Path:
+    model = peft.get_peft_model(tiny_llama(), lora_config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:  # B starts at zero in PEFT: make every adapter do something
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+def coremerge_cmd() -> list[str]:
+    exe = shutil.which("coremerge")
+    return [exe] if exe else [sys.executable, "-m", "coremerge"]
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([*coremerge_cmd(), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    LoraConfig = peft.LoraConfig
+    return [
+        save_adapter(root / "a", LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), seed=1),
+        save_adapter(root / "b", LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=TARGETS,
+                                            rank_pattern={"q_proj": 6}, alpha_pattern={"layers.1.self_attn.v_proj": 3}),
+                     seed=2),
+        save_adapter(root / "c", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]), seed=3),
+    ]
+
+
+def own_delta(adapter: Path) -> dict[str, torch.Tensor]:
+    """Each adapter's update per weight, computed by PEFT itself (merge_and_unload minus base)."""
+    base = tiny_llama().state_dict()
+    merged = peft.PeftModel.from_pretrained(tiny_llama(), adapter).merge_and_unload().state_dict()
+    return {k: merged[k] - base[k] for k in base if not torch.equal(merged[k], base[k])}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_ta_merge_loads_in_peft_and_equals_base_plus_every_adapters_delta(adapters, tmp_path):
+    out = tmp_path / "merged"
+    run_cli("merge", *adapters, "--method", "ta", "--out", out)
+    deltas = [own_delta(a) for a in adapters]
+    expected = tiny_llama()
+    with torch.no_grad():
+        state = expected.state_dict()
+        for delta in deltas:
+            for key, d in delta.items():
+                state[key] += d
+        expected.load_state_dict(state)
+    model = peft.PeftModel.from_pretrained(tiny_llama(), out).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(model, ids), logits(expected, ids), rtol=1e-4, atol=1e-4)
+    # and it is not the base model: the adapters changed the logits
+    assert (logits(model, ids) - logits(tiny_llama(), ids)).abs().max() > 1e-2
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] is False
+    assert config["r"] == config["lora_alpha"]
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["method"] == "ta" and report["space"] == "core"
+    assert [i["sha256"] for i in report["inputs"]] == [
+        __import__("hashlib").sha256((a / "adapter_model.safetensors").read_bytes()).hexdigest() for a in adapters]
+    # q_proj has all three adapters: 4 + 6 + 2; k_proj only a and b: 4 + 8
+    assert report["modules"]["model.layers.0.self_attn.q_proj"]["rank"] == 12
+    assert report["modules"]["model.layers.0.self_attn.k_proj"]["rank"] == 12
+    assert report["modules"]["model.layers.0.self_attn.k_proj"]["adapters"] == 2
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "tsv", "iso_c", "iso_cts", "cart"])
+def test_every_method_writes_an_adapter_peft_loads_exactly(adapters, tmp_path, method):
+    out = tmp_path / method
+    run_cli("merge", *adapters, "--method", method, "--alpha", "0.9", "--out", out, "--seed", "3")
+    tensors = load_file(out / "adapter_model.safetensors")
+    model = peft.PeftModel.from_pretrained(tiny_llama(), out)
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    a = tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    torch.testing.assert_close(layer.get_delta_weight("default"), b @ a, rtol=1e-6, atol=1e-7)
+
+
+def test_dare_is_reproducible_across_processes(adapters, tmp_path):
+    for name in ("x", "y"):
+        run_cli("merge", *adapters, "--method", "dare", "--density", "0.5", "--seed", "11", "--out", tmp_path / name)
+    assert (tmp_path / "x/adapter_model.safetensors").read_bytes() == (tmp_path / "y/adapter_model.safetensors").read_bytes()
+    run_cli("merge", *adapters, "--method", "dare", "--density", "0.5", "--seed", "12", "--out", tmp_path / "z")
+    assert (tmp_path / "x/adapter_model.safetensors").read_bytes() != (tmp_path / "z/adapter_model.safetensors").read_bytes()
+
+
+def test_weights_rank_and_dtype_options(adapters, tmp_path):
+    out = tmp_path / "w"
+    run_cli("merge", *adapters, "--weights", "1,0,0", "--rank", "3", "--dtype", "bfloat16", "--out", out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["weights"] == [1.0, 0.0, 0.0] and report["rank"] == 3
+    mod = report["modules"]["model.layers.0.self_attn.q_proj"]
+    assert mod["rank"] == 3 and 0.0 < mod["energy_kept"] <= 1.0
+    # adapter a alone has rank 4 in q_proj: rank 3 keeps less than all of it
+    assert mod["energy_kept"] < 1.0
+
+
+def test_existing_output_needs_force(adapters, tmp_path):
+    out = tmp_path / "o"
+    run_cli("merge", *adapters[:1], "--out", out)
+    proc = run_cli("merge", *adapters[:1], "--out", out, check=False)
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    run_cli("merge", *adapters[:1], "--out", out, "--force")
+
+
+def test_inspect_lists_modules_and_says_they_merge(adapters):
+    out = run_cli("inspect", *adapters).stdout
+    assert "model.layers.1.self_attn.v_proj" in out and "can be merged together" in out
+    assert "6/" in out  # b's rank_pattern gives q_proj rank 6
+
+
+def _bad(args, tmp_path, *expect):
+    out = tmp_path / "never"
+    proc = run_cli("merge", *args, "--out", out, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for word in expect:
+        assert word in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".never", "never"))]
+    return lines[0]
+
+
+def test_bad_inputs_one_line_exit_2_nothing_written(adapters, tmp_path):
+    _bad([tmp_path / "missing"], tmp_path, "missing")
+    nocfg = tmp_path / "nocfg"
+    shutil.copytree(adapters[0], nocfg)
+    (nocfg / "adapter_config.json").unlink()
+    _bad([nocfg], tmp_path, "nocfg", "adapter_config.json")
+    badjson = tmp_path / "badjson"
+    shutil.copytree(adapters[0], badjson)
+    (badjson / "adapter_config.json").write_text("{not json")
+    _bad([badjson], tmp_path, "badjson")
+    cut = tmp_path / "cut"
+    shutil.copytree(adapters[0], cut)
+    data = (cut / "adapter_model.safetensors").read_bytes()
+    (cut / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    _bad([cut], tmp_path, "cut")
+    _bad([*adapters, "--method", "nope"], tmp_path, "nope", "tsv")
+    _bad([*adapters, "--method", "ties", "-p", "bogus=1"], tmp_path, "bogus", "density")
+    _bad([*adapters, "--method", "ties", "--density", "1.5"], tmp_path, "density")
+    _bad([*adapters, "--weights", "1,2"], tmp_path, "weights")
+
+
+def test_nan_and_shape_mismatch_are_refused(adapters, tmp_path):
+    nan = tmp_path / "nan"
+    shutil.copytree(adapters[0], nan)
+    tensors = load_file(nan / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"
+    tensors[key][0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(tensors, nan / "adapter_model.safetensors")
+    _bad([adapters[1], nan], tmp_path, "nan", "model.layers.0.self_attn.k_proj")
+
+    other = tmp_path / "wide"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(other)
+    _bad([adapters[0], other], tmp_path, "wide", "q_proj")
