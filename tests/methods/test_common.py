@@ -1,0 +1,69 @@
+"""The shared helpers: polar factor, numerical rank, top-k masks, best low-rank approximation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coremerge.methods import _common
+
+
+def test_polar_of_orthonormal_columns_is_itself(orthogonal):
+    q = orthogonal(6, 0)[:, :4]  # (6, 4) orthonormal columns
+    torch.testing.assert_close(_common.polar(q), q, rtol=0, atol=1e-13)
+
+
+def test_polar_is_orthonormal_and_the_nearest_such_matrix(random_tasks, orthogonal):
+    x = random_tasks(1, 6, 4)[0]
+    w = _common.polar(x)  # (6, 4)
+    torch.testing.assert_close(w.T @ w, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-13)
+    for seed in range(5):  # no other matrix with orthonormal columns is closer (Fan–Hoffman)
+        other = orthogonal(6, seed)[:, :4]
+        assert (x - w).norm() <= (x - other).norm()
+    wide = _common.polar(x.T)  # (4, 6): orthonormal rows
+    torch.testing.assert_close(wide, w.T, rtol=0, atol=1e-13)
+
+
+def test_rank_tolerance_separates_float_noise_from_signal():
+    x = torch.outer(torch.arange(1.0, 7.0), torch.ones(5)).double()  # rank 1
+    s = torch.linalg.svdvals(x)
+    mask = _common.nonzero_spectrum(s, x.shape)
+    assert mask.tolist() == [True, False, False, False, False]
+    assert _common.rank_tolerance(s, x.shape) == pytest.approx(float(s[0]) * 6 * torch.finfo(torch.float64).eps)
+    assert _common.rank_tolerance(torch.zeros(0), (3, 4)) == 0.0
+
+
+@pytest.mark.parametrize(("density", "size", "expected"), [(0.7, 35, 24), (0.04, 35, 1), (1.0, 35, 35),
+                                                           (0.5, 5, 2), (0.001, 10, 1)])
+def test_keep_count(density, size, expected):
+    assert _common.keep_count(density, size) == expected
+
+
+def test_topk_mask_never_keeps_zeros():
+    x = torch.tensor([[[0.0, 0.0, 3.0, 0.0]], [[1.0, -2.0, 0.0, 0.5]]], dtype=torch.float64)
+    mask = _common.topk_mask(x, 0.75)  # k = 3 per task
+    assert mask.tolist() == [[[False, False, True, False]], [[True, True, False, True]]]
+
+
+def test_low_rank_is_the_best_approximation(random_tasks):
+    x = random_tasks(2, 6, 5)
+    approx = _common.low_rank(x, 2)  # (2, 6, 5)
+    for t in range(2):
+        assert int(torch.linalg.matrix_rank(approx[t])) == 2
+        s = torch.linalg.svdvals(x[t])
+        torch.testing.assert_close((x[t] - approx[t]).norm(), s[2:].norm(), rtol=1e-12, atol=1e-12)
+
+
+def test_disjoint_mean_is_pure():
+    x = torch.tensor([[[1.0, -3.0]], [[2.0, 1.0]]], dtype=torch.float64)
+    keep = x != 0
+    before = x.clone()
+    torch.testing.assert_close(_common.disjoint_mean(x, keep), torch.tensor([[1.5, -3.0]], dtype=torch.float64))
+    assert torch.equal(x, before)
+
+
+def test_generator_must_be_an_explicit_cpu_generator():
+    with pytest.raises(ValueError, match="generator"):
+        _common.check_generator(None, "dare")
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        _common.check_generator(0, "dare")
