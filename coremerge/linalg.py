@@ -25,27 +25,59 @@ def rank_tolerance(s: Tensor, shape: tuple[int, int]) -> float:
 def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``x = u @ diag(s) @ vh`` keeping only the non-zero spectrum.
 
+    A matrix far from square is first reduced by a QR factorization of its tall
+    orientation (LAPACK's SVD of a wide k x n matrix is many times slower than QR plus
+    the SVD of the small k x k factor, and no less accurate).
+
     Example:
         >>> x = torch.ones(4, 3, dtype=torch.float64)   # rank 1
         >>> u, s, vh = thin_svd(x)
         >>> u.shape, s.shape, vh.shape
         (torch.Size([4, 1]), torch.Size([1]), torch.Size([1, 3]))
     """
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (m, d), (d,), (d, n)
-    keep = int((s > rank_tolerance(s, tuple(x.shape))).sum())
+    m, n = x.shape
+    if m >= 2 * n:
+        q, r = torch.linalg.qr(x)  # (m, n), (n, n)
+        p, s, vh = torch.linalg.svd(r)  # (n, n), (n,), (n, n)
+        u = q @ p  # (m, n)
+    elif n >= 2 * m:
+        vt, s, uh = thin_svd(x.T)  # x.T = vt s uh  ->  x = uh.T s vt.T
+        return uh.T, s, vt.T
+    else:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (m, d), (d,), (d, n)
+    keep = int((s > rank_tolerance(s, (m, n))).sum())
     return u[:, :keep], s[:keep], vh[:keep]
 
 
 def col_basis(x: Tensor) -> Tensor:
-    """Orthonormal columns spanning col(x), ordered by singular value: (m, rank)."""
-    u, _, _ = thin_svd(x)
-    return u
+    """Orthonormal columns spanning col(x), ordered by singular value: (m, rank).
+
+    float32 (the default compute dtype): the eigen-decomposition of the k x k Gram matrix
+    xᵀx formed in float64, u = x w s⁻¹. Its error is far below float32's own rounding
+    (eigenvalues of a float64 Gram matrix resolve singular values down to ~1e-8 s_max,
+    and the cut-off for float32 is s_max * max(shape) * 1.2e-7), and it costs one
+    m k² product instead of an SVD of the m x k matrix: about 10x faster on a CPU.
+    float64: an exact thin SVD (QR, then the SVD of the small factor).
+    """
+    if x.dtype == torch.float64:
+        u, _, _ = thin_svd(x)
+        return u
+    m, k = x.shape
+    x64 = x.to(torch.float64)  # (m, k)
+    if m <= k:  # col(x) is spanned by the eigenvectors of x xᵀ (m, m) directly
+        evals, w = torch.linalg.eigh(x64 @ x64.T)  # ascending
+        s = evals.flip(0).clamp_min(0).sqrt()  # (m,)
+        keep = int((s > rank_tolerance(s.to(x.dtype), (m, k))).sum())
+        return w.flip(1)[:, :keep].to(x.dtype)  # (m, keep)
+    evals, w = torch.linalg.eigh(x64.T @ x64)  # (k,), (k, k) ascending
+    s, w = evals.flip(0).clamp_min(0).sqrt(), w.flip(1)  # descending
+    keep = int((s > rank_tolerance(s.to(x.dtype), (m, k))).sum())
+    return ((x64 @ w[:, :keep]) / s[:keep]).to(x.dtype)  # (m, keep): x w s⁻¹
 
 
 def row_basis(x: Tensor) -> Tensor:
     """Orthonormal rows spanning row(x), ordered by singular value: (rank, n)."""
-    _, _, vh = thin_svd(x)
-    return vh
+    return col_basis(x.T).T
 
 
 def factor_between(u: Tensor, core: Tensor, v: Tensor | None, rank: int | None) -> LowRank:

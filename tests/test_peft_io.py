@@ -1,0 +1,484 @@
+"""coremerge.peft_io against PEFT itself: real adapters of tiny random models, saved by PEFT, read by
+us and loaded back by PEFT. The core check: load_factors(...).delta() equals PEFT's own
+get_delta_weight for every module (scale, rslora, rank/alpha patterns, fan_in_fan_out, VeRA)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import safetensors.torch  # noqa: E402
+from peft_factories import (block_network, load_peft_model, make_tiny_gpt2, make_tiny_llama,  # noqa: E402
+                            peft_layers, save_adapter, save_lora_adapter)
+
+from coremerge.errors import AdapterError  # noqa: E402
+from coremerge.peft_io import (adapter_config_for, check_compatible, file_sha256, load_factors,  # noqa: E402
+                               open_adapter, pattern_key, union_modules, write_adapter)
+from coremerge.types import LowRank  # noqa: E402
+
+LoraConfig, VeraConfig = peft.LoraConfig, peft.VeraConfig
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_network():
+    with pytest.MonkeyPatch.context() as mp:
+        block_network(mp)
+        yield
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="module")
+def plain(root) -> Path:
+    """alpha != r: scale 12/4 = 3 on attention and down_proj."""
+    return save_lora_adapter(root, "plain", LoraConfig(r=4, lora_alpha=12, target_modules=ATTN + ["down_proj"]),
+                             seed=1)
+
+
+def check_against_peft(path: Path, base=make_tiny_llama, *, rtol=1e-5, atol=1e-6, **open_kwargs):
+    """Every module: our rank/scale == PEFT's layer.r / layer.scaling, our delta == PEFT's delta."""
+    src = open_adapter(path, **open_kwargs)
+    layers = peft_layers(load_peft_model(path, base=base))
+    assert list(src.modules) == sorted(layers)
+    for name, layer in layers.items():
+        spec = src.modules[name]
+        if spec.kind == "lora":
+            assert spec.rank == layer.r["default"]
+            assert spec.scale == pytest.approx(layer.scaling["default"], rel=1e-12)
+        expected = layer.get_delta_weight("default").float()
+        if layer.fan_in_fan_out:
+            expected = expected.T  # PEFT's delta is in the Conv1D (in, out) layout
+        factors = load_factors(src, name)
+        assert factors.a.dtype == factors.b.dtype == torch.float32
+        torch.testing.assert_close(factors.delta(), expected, rtol=rtol, atol=atol)
+    return src
+
+
+def one_line_naming(exc: pytest.ExceptionInfo, *names: str) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message, (name, message)
+    return message
+
+
+# ------------------------------------------------------------------------------------- reading = PEFT
+def test_alpha_not_r_matches_peft(plain):
+    src = check_against_peft(plain)
+    assert src.peft_type == "LORA" and src.dtype == torch.float32 and src.weights_file.name.endswith(".safetensors")
+    assert {spec.scale for spec in src.modules.values()} == {3.0}
+    assert len(src.modules) == 2 * 5 and list(src.modules) == sorted(src.modules)
+    spec = src.modules[Q0]
+    assert (spec.rank, spec.out_features, spec.in_features, spec.kind) == (4, 32, 32, "lora")
+    assert src.modules["model.layers.0.self_attn.k_proj"].out_features == 16  # 2 kv heads x 8
+
+
+def test_source_pickles(plain):
+    src = open_adapter(plain)
+    assert pickle.loads(pickle.dumps(src)) == src
+
+
+def test_load_factors_folds_scale_once(plain):
+    src = open_adapter(plain)
+    raw = safetensors.torch.load_file(plain / "adapter_model.safetensors")
+    f1, f2 = load_factors(src, Q0), load_factors(src, Q0)
+    torch.testing.assert_close(f1.b, 3.0 * raw[f"base_model.model.{Q0}.lora_B.weight"])
+    torch.testing.assert_close(f1.a, raw[f"base_model.model.{Q0}.lora_A.weight"])
+    assert torch.equal(f1.b, f2.b)  # reading twice does not fold twice
+    assert load_factors(src, Q0, dtype=torch.float64).b.dtype == torch.float64
+
+
+def test_rslora_matches_peft(root):
+    path = save_lora_adapter(root, "rslora", LoraConfig(r=9, lora_alpha=6, use_rslora=True, target_modules=ATTN),
+                             seed=2)
+    src = check_against_peft(path)
+    assert {spec.scale for spec in src.modules.values()} == {2.0}  # 6 / sqrt(9)
+
+
+@pytest.fixture(scope="module")
+def patterned(root) -> Path:
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=ATTN,
+        rank_pattern={Q0: 6, "q_proj": 2, r"layers\.1\.self_attn\.(k|v)_proj": 3},
+        alpha_pattern={r"model\.layers\.1\..*": 7, "v_proj": 5},
+    )
+    return save_lora_adapter(root, "patterns", config, seed=3)
+
+
+def test_rank_and_alpha_patterns_match_peft(patterned):
+    src = check_against_peft(patterned)
+    # independently written out: the first key in adapter_config.json that matches a dotted suffix wins
+    expected = {  # module: (rank, alpha)
+        "model.layers.0.self_attn.q_proj": (6, 8), "model.layers.0.self_attn.k_proj": (4, 8),
+        "model.layers.0.self_attn.v_proj": (4, 5), "model.layers.0.self_attn.o_proj": (4, 8),
+        "model.layers.1.self_attn.q_proj": (2, 7), "model.layers.1.self_attn.k_proj": (3, 7),
+        "model.layers.1.self_attn.v_proj": (3, 7), "model.layers.1.self_attn.o_proj": (4, 7),
+    }
+    assert {m: (s.rank, s.scale) for m, s in src.modules.items()} == {m: (r, a / r) for m, (r, a) in expected.items()}
+
+
+def test_pattern_precedence_is_the_order_in_the_file(patterned, tmp_path, caplog):
+    path = clone(patterned, tmp_path / "reordered")
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert list(config["alpha_pattern"]) == [r"model\.layers\.1\..*", "v_proj"]  # PEFT saved them sorted
+    config["alpha_pattern"] = {"v_proj": 5, r"model\.layers\.1\..*": 7}  # now v_proj comes first
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="coremerge.peft_io"):
+        src = check_against_peft(path)  # PEFT's from_pretrained agrees
+    assert src.modules["model.layers.1.self_attn.v_proj"].scale == 5 / 3
+    assert src.modules["model.layers.1.self_attn.k_proj"].scale == 7 / 3
+    assert "match several alpha_pattern keys" in caplog.text
+
+
+def test_pattern_order_lost_by_peft_save_is_refused(root):
+    # given order: the specific key after "q_proj", so layer 0's q_proj trained with rank 2; PEFT saves the keys
+    # sorted, Q0 first, and then reads rank 6: PEFT itself cannot load its own adapter
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2, Q0: 6})
+    path = save_lora_adapter(root, "patterns_reversed", config, seed=4)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_peft_model(path)
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), Q0, "stored rank 2", "gives 6", "sorted")
+
+
+def test_pattern_key_is_peft_get_pattern_key():
+    from peft.utils.other import get_pattern_key
+
+    patterns = [[Q0, "q_proj"], ["q_proj", Q0], ["proj"], [r"layers\.\d\.self_attn\.q_proj", "q_proj"],
+                ["self_attn.q_proj|k_proj"], ["^model.layers.0.self_attn.q_proj"], [r"^model\.layers\.1\..*"], []]
+    keys = [Q0, "model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.10.mlp.up_proj"]
+    for p in patterns:
+        for key in keys:
+            assert pattern_key(p, key) == get_pattern_key(p, key), (p, key)
+
+
+def test_different_target_sets_union(root, plain):
+    other = save_lora_adapter(root, "mlp", LoraConfig(r=3, target_modules=["v_proj", "up_proj"]), seed=5)
+    sources = [open_adapter(plain), open_adapter(other)]
+    check_compatible(sources)
+    expected = sorted(set(sources[0].modules) | set(sources[1].modules))
+    assert union_modules(sources) == expected and len(expected) == 2 * 6
+    config = adapter_config_for(sources, {m: 7 for m in expected})
+    assert config["target_modules"] == sorted(ATTN + ["down_proj", "up_proj"])
+
+
+def test_fan_in_fan_out_gpt2_conv1d(root, tmp_path):
+    path = save_adapter(root, "gpt2", LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"]),
+                        seed=6, base=make_tiny_gpt2)
+    src = check_against_peft(path, base=make_tiny_gpt2)  # compares with PEFT's delta transposed
+    assert src.config["fan_in_fan_out"] is True
+    c_attn = "transformer.h.0.attn.c_attn"
+    assert (src.modules[c_attn].out_features, src.modules[c_attn].in_features) == (48, 16)  # nn.Linear orientation
+    # written back, PEFT reads the same update into the Conv1D layer
+    merged = {m: LowRank(a=(f := load_factors(src, m)).a, b=f.b) for m in src.modules}
+    out = write_adapter(tmp_path / "out", merged, config=adapter_config_for([src], {m: 2 for m in merged}),
+                        report=None, dtype=torch.float32)
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    layers = peft_layers(load_peft_model(out, base=make_tiny_gpt2))
+    for m, lr in merged.items():
+        torch.testing.assert_close(layers[m].get_delta_weight("default").T, lr.delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_vera_matches_peft(root):
+    config = VeraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"], save_projection=True)
+    src = check_against_peft(save_adapter(root, "vera", config, seed=7))
+    assert src.peft_type == "VERA" and {(s.kind, s.scale, s.rank) for s in src.modules.values()} == {("vera", 1.0, 4)}
+
+
+def test_vera_in_features_override_for_mixed_targets(root, plain):
+    path = save_adapter(root, "vera_mixed", VeraConfig(r=4, target_modules=["q_proj", "down_proj"]), seed=8)
+    default = open_adapter(path)
+    assert default.modules[Q0].in_features == 64  # vera_A holds only max(in_features): q_proj's 32 is unknowable
+    with pytest.raises(AdapterError) as exc:
+        check_compatible([open_adapter(plain), default])
+    one_line_naming(exc, Q0, "32x32", "32x64", "vera_in_features")
+    q_in = {f"model.layers.{i}.self_attn.q_proj": 32 for i in range(2)}
+    check_against_peft(path, vera_in_features=q_in)
+
+
+def test_legacy_bin_matches_peft_and_uses_weights_only(root, monkeypatch):
+    path = save_lora_adapter(root, "legacy", LoraConfig(r=3, lora_alpha=5, target_modules=ATTN), seed=9,
+                             safe_serialization=False)
+    assert not (path / "adapter_model.safetensors").exists()
+    calls = []
+    real_load = torch.load
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+        src = open_adapter(path)
+        load_factors(src, Q0)
+    assert calls and all(k.get("weights_only") is True for k in calls)
+    assert src.weights_file.name == "adapter_model.bin"
+    check_against_peft(path)
+
+
+def test_bf16_adapter_keeps_dtype(root):
+    path = save_lora_adapter(root, "bf16", LoraConfig(r=4, lora_alpha=8, target_modules=ATTN), seed=10,
+                             dtype=torch.bfloat16)
+    src = open_adapter(path)
+    assert src.dtype == torch.bfloat16
+    layers = peft_layers(load_peft_model(path))
+    for name, layer in layers.items():  # independent: PEFT's stored weights and scaling, in float32
+        expected = layer.scaling["default"] * (layer.lora_B["default"].weight.float()
+                                               @ layer.lora_A["default"].weight.float())
+        torch.testing.assert_close(load_factors(src, name).delta(), expected, rtol=1e-6, atol=1e-6)
+    assert load_factors(src, Q0, dtype=torch.bfloat16).a.dtype == torch.bfloat16
+
+
+def test_velora_training_state_is_skipped(root):
+    from peft.tuners.lora.config import VeloraConfig
+
+    path = save_lora_adapter(root, "velora", LoraConfig(r=2, target_modules=["q_proj"], velora_config=VeloraConfig()),
+                             seed=11)
+    check_against_peft(path)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def clone(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(path: Path, **changes) -> Path:
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return path
+
+
+def test_refuses_missing_path(tmp_path):
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(tmp_path / "nope")
+    one_line_naming(exc, str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda p: (p / "adapter_config.json").unlink(), "adapter_config.json"),
+    (lambda p: (p / "adapter_config.json").write_text("{not json"), "not valid JSON"),
+    (lambda p: (p / "adapter_model.safetensors").unlink(), "adapter_model.safetensors"),
+    (lambda p: edit_config(p, peft_type="LOHA"), "LOHA"),
+    (lambda p: edit_config(p, init_lora_weights="pissa_niter_4"), "path_initial_model_for_weight_conversion"),
+    (lambda p: edit_config(p, use_fancy_new_variant=True), "use_fancy_new_variant"),
+    (lambda p: edit_config(p, use_qalora=True), "use_qalora"),
+    (lambda p: edit_config(p, bias="all"), "bias"),
+    (lambda p: edit_config(p, r=5), "module 'model.layers.0.mlp.down_proj': stored rank 4"),
+    (lambda p: edit_config(p, rank_pattern={"q_proj": 2}), f"module '{Q0}'"),
+], ids=["no_config", "bad_json", "no_weights", "peft_type", "pissa", "unknown_field", "qalora", "bias", "r",
+        "rank_pattern"])
+def test_refuses_bad_directory(plain, tmp_path, damage, expected):
+    path = clone(plain, tmp_path / "bad")
+    damage(path)
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), expected)
+
+
+def _truncate(p: Path, keep: int | None = None) -> None:
+    data = (p / "adapter_model.safetensors").read_bytes()
+    (p / "adapter_model.safetensors").write_bytes(data[: keep if keep is not None else len(data) - 10])
+
+
+def _corrupt_header(p: Path) -> None:
+    data = bytearray((p / "adapter_model.safetensors").read_bytes())
+    data[9:21] = b"#" * 12
+    (p / "adapter_model.safetensors").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, lambda p: _truncate(p, 30), lambda p: _truncate(p, 5),
+                                    _corrupt_header], ids=["cut_data", "cut_header", "cut_length", "corrupt_header"])
+def test_refuses_damaged_safetensors(plain, tmp_path, damage):
+    path = clone(plain, tmp_path / "bad")
+    damage(path)
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), "adapter_model.safetensors")
+
+
+def _rewrite(path: Path, change) -> None:
+    tensors = safetensors.torch.load_file(path / "adapter_model.safetensors")
+    change(tensors)
+    safetensors.torch.save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_load_factors_refuses_non_finite(plain, tmp_path, bad):
+    path = clone(plain, tmp_path / "nan")
+    key = f"base_model.model.{Q0}.lora_B.weight"
+    _rewrite(path, lambda t: t[key].__setitem__((0, 0), bad))
+    src = open_adapter(path)  # the header is fine
+    with pytest.raises(AdapterError) as exc:
+        load_factors(src, Q0)
+    one_line_naming(exc, str(path), Q0, key, "NaN or Inf")
+    load_factors(src, "model.layers.1.self_attn.q_proj")  # the other modules still read
+
+
+def test_refuses_module_without_lora_b(plain, tmp_path):
+    path = clone(plain, tmp_path / "half")
+    _rewrite(path, lambda t: t.pop(f"base_model.model.{Q0}.lora_B.weight"))
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), Q0, "lora_B")
+
+
+def test_refuses_unknown_module(plain):
+    with pytest.raises(AdapterError) as exc:
+        load_factors(open_adapter(plain), "model.layers.0.mlp.up_proj")
+    one_line_naming(exc, str(plain), "model.layers.0.mlp.up_proj")
+
+
+@pytest.mark.parametrize("name, config, expected", [
+    ("dora", lambda: LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "use_dora"),
+    ("lora_bias", lambda: LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True), "lora_bias"),
+    ("mts", lambda: LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
+    ("embedding", lambda: LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]), "model.embed_tokens"),
+    ("vera_noproj", lambda: VeraConfig(r=4, target_modules=["q_proj"], save_projection=False), "save_projection"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_refuses_real_peft_variants(root, name, config, expected):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = config()
+    path = save_adapter(root, f"refused_{name}", config, seed=12)
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), expected)
+
+
+def test_refuses_dora_weights_even_if_config_says_otherwise(root, tmp_path):
+    path = clone(save_adapter(root, "dora_w", LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), seed=13),
+                 tmp_path / "dora")
+    edit_config(path, use_dora=False)
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), "lora_magnitude_vector", "DoRA")
+
+
+def test_check_compatible_refuses_shape_mismatch(root, plain):
+    wide = save_lora_adapter(root, "wide_mlp", LoraConfig(r=2, target_modules=["down_proj"]), seed=14,
+                             base=lambda: make_tiny_llama(intermediate_size=48))
+    with pytest.raises(AdapterError) as exc:
+        check_compatible([open_adapter(plain), open_adapter(wide)])
+    one_line_naming(exc, str(plain), str(wide), "model.layers.0.mlp.down_proj", "32x64", "32x48")
+
+
+def test_check_compatible_refuses_fan_in_fan_out_mismatch(plain, tmp_path):
+    flipped = edit_config(clone(plain, tmp_path / "flipped"), fan_in_fan_out=True)
+    with pytest.raises(AdapterError) as exc:
+        check_compatible([open_adapter(plain), open_adapter(flipped)])
+    one_line_naming(exc, str(plain), str(flipped), "fan_in_fan_out")
+    with pytest.raises(AdapterError):
+        check_compatible([])
+
+
+# ------------------------------------------------------------------------------------------- writing
+def random_merged(src, ranks: list[int], seed: int) -> dict[str, LowRank]:
+    g = torch.Generator().manual_seed(seed)
+    return {m: LowRank(a=torch.randn(q, s.in_features, generator=g), b=torch.randn(s.out_features, q, generator=g))
+            for (m, s), q in zip(src.modules.items(), ranks, strict=True)}
+
+
+def test_write_round_trip_through_peft(plain, tmp_path):
+    src = open_adapter(plain)
+    merged = random_merged(src, [3, 3, 5, 3, 1, 2, 3, 0, 7, 3], seed=0)  # mixed, one all-zero module
+    config = adapter_config_for([src], {m: lr.rank for m, lr in merged.items()})
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (3, 3, False)
+    assert sorted(config["rank_pattern"].values()) == [1, 1, 2, 5, 7] and config["alpha_pattern"] == config[
+        "rank_pattern"]
+    out = write_adapter(tmp_path / "merged", merged, config=config, report={"method": "ta"}, dtype=torch.float32)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "merge_report.json"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(make_tiny_llama(), str(out))
+    assert not [w for w in caught if "missing" in str(w.message).lower()]
+    result = model.load_adapter(str(out), adapter_name="again")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    layers = peft_layers(model)
+    for m, lr in merged.items():
+        torch.testing.assert_close(layers[m].get_delta_weight("default"), lr.delta(), rtol=1e-5, atol=1e-6)
+    reread = open_adapter(out)  # our reader agrees with our writer
+    assert {s.scale for s in reread.modules.values()} == {1.0}
+    assert {m: s.rank for m, s in reread.modules.items()} == {m: max(1, lr.rank) for m, lr in merged.items()}
+
+
+def test_write_refuses_existing_dir_and_force_replaces_it(plain, tmp_path):
+    src = open_adapter(plain)
+    first, second = random_merged(src, [2] * 10, seed=1), random_merged(src, [4] * 10, seed=2)
+    config1 = adapter_config_for([src], {m: 2 for m in first})
+    config2 = adapter_config_for([src], {m: 4 for m in second})
+    out = write_adapter(tmp_path / "out", first, config=config1, report={"run": 1}, dtype=torch.float32)
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="exists; pass --force"):
+        write_adapter(out, second, config=config2, report=None, dtype=torch.float32)
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    write_adapter(out, second, config=config2, report=None, dtype=torch.float32, force=True)
+    assert not (out / "merge_report.json").exists()  # the old directory is gone, not merged into
+    assert open_adapter(out).modules[Q0].rank == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or backup dirs left
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an adapter directory"):
+        write_adapter(tmp_path / "precious", second, config=config2, report=None, dtype=torch.float32, force=True)
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_write_failure_leaves_nothing_behind(plain, tmp_path, monkeypatch, existing):
+    src = open_adapter(plain)
+    merged = random_merged(src, [2] * 10, seed=3)
+    config = adapter_config_for([src], {m: 2 for m in merged})
+    out = tmp_path / "out"
+    if existing:
+        write_adapter(out, merged, config=config, report=None, dtype=torch.float32)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if existing else None
+
+    def half_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_adapter(out, merged, config=config, report=None, dtype=torch.float32, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
+    if existing:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_write_is_deterministic(plain, tmp_path):
+    src = open_adapter(plain)
+    merged = random_merged(src, [2, 3] * 5, seed=4)
+    config = adapter_config_for([src], {m: lr.rank for m, lr in merged.items()})
+    a = write_adapter(tmp_path / "a", merged, config=config, report={"x": 1}, dtype=torch.bfloat16)
+    b = write_adapter(tmp_path / "b", dict(reversed(merged.items())), config=dict(reversed(config.items())),
+                      report={"x": 1}, dtype=torch.bfloat16)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "merge_report.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    st = a / "adapter_model.safetensors"
+    assert file_sha256(st) == hashlib.sha256(st.read_bytes()).hexdigest()
+    assert open_adapter(a).dtype == torch.bfloat16
+    with safetensors.safe_open(st, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_config_falls_back_to_module_list_and_agrees_only_on_common_fields(root, plain):
+    layer0 = save_lora_adapter(root, "layer0", LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[0],
+                                                          task_type="CAUSAL_LM"), seed=15)
+    sources = [open_adapter(plain), open_adapter(layer0)]
+    modules = union_modules(sources)
+    config = adapter_config_for(sources, {m: 2 for m in modules})
+    assert config["target_modules"] == modules  # layers_to_transform: the exact module list
+    assert config["task_type"] is None and config["fan_in_fan_out"] is False and config["peft_type"] == "LORA"
+    assert adapter_config_for(sources[1:], {Q0: 2})["task_type"] == "CAUSAL_LM"
