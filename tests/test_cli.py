@@ -17,25 +17,17 @@ from safetensors.torch import load_file
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from peft_factories import make_tiny_llama, save_adapter as _save_adapter  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
-    return transformers.LlamaForCausalLM(config).eval()
+def tiny_llama():
+    return make_tiny_llama(0)
 
 
 def save_adapter(path: Path, lora_config, seed: int) -> Path:
-    model = peft.get_peft_model(tiny_llama(), lora_config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:  # B starts at zero in PEFT: make every adapter do something
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
-    model.save_pretrained(path)
-    return path
+    return _save_adapter(path.parent, path.name, lora_config, seed)
 
 
 def coremerge_cmd() -> list[str]:
