@@ -468,6 +468,12 @@ def _tensor_reader(src: AdapterSource) -> Iterator[Callable[..., Tensor]]:
         yield get_st
 
 
+def _all_finite(t: Tensor) -> bool:
+    # A finite float64 sum means no element is NaN or ±Inf (both propagate), and the sum is several
+    # times faster than isfinite(t).all() on a CPU; only a non-finite sum needs the exact check.
+    return math.isfinite(float(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
+
+
 def load_factors(src: AdapterSource, module: str, *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> LoraFactors:
     """One module's factors with the adapter's scale folded into ``b`` once: ``delta = b @ a`` (out, in).
@@ -486,7 +492,7 @@ def load_factors(src: AdapterSource, module: str, *, dtype: torch.dtype = torch.
 
     def finite(t: Tensor, key: str) -> Tensor:
         t = t.to(device=device, dtype=dtype, copy=copy)
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise AdapterError(f"adapter {src.name!r}: module {module!r}: tensor {key!r} contains NaN or Inf")
         return t
 
@@ -501,7 +507,7 @@ def load_factors(src: AdapterSource, module: str, *, dtype: torch.dtype = torch.
             vera_b = finite(get(VERA_B_KEY, spec.out_features), VERA_B_KEY)  # (m, r)
             a = lambda_d[:, None] * vera_a  # (r, n)
             b = lambda_b[:, None] * vera_b  # (m, r)
-    if not bool(torch.isfinite(b).all()):
+    if not _all_finite(b):
         raise AdapterError(f"adapter {src.name!r}: module {module!r}: {spec.b_key!r} times scale {spec.scale} "
                            f"overflows {dtype}")
     return LoraFactors(a=a, b=b)

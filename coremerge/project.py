@@ -24,7 +24,11 @@ def project(factors: Sequence[LoraFactors], basis: Basis) -> Tensor:
         >>> project(fs, reference_basis(fs)).shape
         torch.Size([3, 6, 6])
     """
-    return torch.stack([
-        (basis.u.T @ f.b) @ (f.a @ basis.v.T)  # (ku, r_t) @ (r_t, kv) -> (ku, kv)
-        for f in factors
-    ])
+    left = basis.u.T @ torch.cat([f.b for f in factors], dim=1)  # (ku, k): [Uᵀ B_1 … Uᵀ B_T]
+    right = torch.cat([f.a for f in factors], dim=0) @ basis.v.T  # (k, kv): [A_1 Vᵀ; … ; A_T Vᵀ]
+    cores, start = [], 0
+    for f in factors:
+        stop = start + f.rank
+        cores.append(left[:, start:stop] @ right[start:stop])  # (ku, r_t) @ (r_t, kv) -> (ku, kv)
+        start = stop
+    return torch.stack(cores)  # (T, ku, kv)
