@@ -23,7 +23,7 @@ from coremerge.synthetic import LLAMA3_8B, llama_shapes
 from coremerge.types import LoraFactors
 
 SHAPES = {name.rsplit(".", 1)[-1]: shape for name, shape in
-          llama_shapes(**LLAMA3_8B, layers=1, modules=("q_proj", "k_proj", "gate_proj", "down_proj")).items()}
+          llama_shapes(**{**LLAMA3_8B, "layers": 1}, modules=("q_proj", "k_proj", "gate_proj", "down_proj")).items()}
 
 
 def factors(m: int, n: int, tasks: int, rank: int, device: str) -> list[LoraFactors]:
@@ -64,6 +64,7 @@ def main() -> None:
         fs = factors(m, n, args.tasks, args.rank, args.device)
         for method in args.methods.split(","):
             gen = (lambda: module_generator(0, module))
+            merge_module(fs, method=method, space="core", generator=gen())  # warm-up (library init)
             core = timed(lambda: merge_module(fs, method=method, space="core", generator=gen()),
                          args.core_repeats, args.device)
             full = timed(lambda: merge_module(fs, method=method, space="full", generator=gen()),

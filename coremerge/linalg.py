@@ -4,10 +4,36 @@ exactly-zero directions, and factorizations that never form an m x n matrix.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
 from coremerge.types import LowRank
+
+
+SMALL = 1024  # decompositions of matrices no wider than this run on one thread
+
+
+@contextmanager
+def one_thread_if_small(*shape: int) -> Iterator[None]:
+    """Run a small LAPACK call on one thread.
+
+    A k x k eigen- or singular-value decomposition (k ~ 100s) is over in milliseconds on one
+    thread, but its threaded version waits on thread barriers: on a busy machine (Ray
+    workers side by side, other jobs) we measured 0.5-3 s instead of 3 ms for a 128 x 128
+    eigh with 2 threads. Large decompositions keep every thread.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or min(shape[-2:]) > SMALL:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rank_tolerance(s: Tensor, shape: tuple[int, int]) -> float:
@@ -38,13 +64,15 @@ def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     m, n = x.shape
     if m >= 2 * n:
         q, r = torch.linalg.qr(x)  # (m, n), (n, n)
-        p, s, vh = torch.linalg.svd(r)  # (n, n), (n,), (n, n)
+        with one_thread_if_small(n, n):
+            p, s, vh = torch.linalg.svd(r)  # (n, n), (n,), (n, n)
         u = q @ p  # (m, n)
     elif n >= 2 * m:
         vt, s, uh = thin_svd(x.T)  # x.T = vt s uh  ->  x = uh.T s vt.T
         return uh.T, s, vt.T
     else:
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (m, d), (d,), (d, n)
+        with one_thread_if_small(m, n):
+            u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (m, d), (d,), (d, n)
     keep = int((s > rank_tolerance(s, (m, n))).sum())
     return u[:, :keep], s[:keep], vh[:keep]
 
@@ -65,11 +93,15 @@ def col_basis(x: Tensor) -> Tensor:
     m, k = x.shape
     x64 = x.to(torch.float64)  # (m, k)
     if m <= k:  # col(x) is spanned by the eigenvectors of x xᵀ (m, m) directly
-        evals, w = torch.linalg.eigh(x64 @ x64.T)  # ascending
+        gram = x64 @ x64.T  # (m, m)
+        with one_thread_if_small(m, m):
+            evals, w = torch.linalg.eigh(gram)  # ascending
         s = evals.flip(0).clamp_min(0).sqrt()  # (m,)
         keep = int((s > rank_tolerance(s.to(x.dtype), (m, k))).sum())
         return w.flip(1)[:, :keep].to(x.dtype)  # (m, keep)
-    evals, w = torch.linalg.eigh(x64.T @ x64)  # (k,), (k, k) ascending
+    gram = x64.T @ x64  # (k, k)
+    with one_thread_if_small(k, k):
+        evals, w = torch.linalg.eigh(gram)  # (k,), (k, k) ascending
     s, w = evals.flip(0).clamp_min(0).sqrt(), w.flip(1)  # descending
     keep = int((s > rank_tolerance(s.to(x.dtype), (m, k))).sum())
     return ((x64 @ w[:, :keep]) / s[:keep]).to(x.dtype)  # (m, keep): x w s⁻¹

@@ -13,6 +13,8 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
+from coremerge.linalg import one_thread_if_small, rank_tolerance  # noqa: F401  (re-exported)
+
 # ----------------------------------------------------------------------------- input checks
 
 
@@ -81,17 +83,8 @@ def check_task_ranks(task_ranks: Sequence[int], num_tasks: int, method: str) -> 
 
 def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``x = u @ diag(s) @ vh`` (batched over leading dims), singular values descending."""
-    return torch.linalg.svd(x, full_matrices=False)  # (..., p, d), (..., d), (..., d, q)
-
-
-def rank_tolerance(s: Tensor, shape: Sequence[int]) -> float:
-    """Numerical-rank cut-off ``s_max * max(p, q) * eps(dtype)`` (numpy's ``matrix_rank`` rule).
-
-    Singular values at or below it are what float error leaves of exactly-zero directions.
-    """
-    if s.numel() == 0:
-        return 0.0
-    return float(s.max()) * max(shape) * torch.finfo(s.dtype).eps
+    with one_thread_if_small(*x.shape):
+        return torch.linalg.svd(x, full_matrices=False)  # (..., p, d), (..., d), (..., d, q)
 
 
 def nonzero_spectrum(s: Tensor, shape: Sequence[int]) -> Tensor:
