@@ -1,0 +1,50 @@
+"""Assembly: a merge's shard files -> its PEFT adapter directory, through coremerge.merge.finish.
+
+``finish`` is what ``coremerge merge`` calls too, so the adapter directory (tensors, config,
+report) is the one the command writes for the same inputs; only the report's timings differ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from coremerge import peft_io
+from coremerge.merge import finish, parse_dtype
+from coremerge.peft_io import AdapterSource, file_sha256
+from coremerge.types import LowRank
+
+from pipeline.config import MergeSpec
+from pipeline.worker import read_shard
+
+WEIGHTS_NAME = peft_io.SAFETENSORS_NAME
+
+
+def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource],
+             rows: Sequence[Mapping[str, object]]) -> tuple[Path, str]:
+    """Write ``output_dir/<merge>/`` from the merge's finished shards; returns (path, sha256 of weights).
+
+    Every shard file is checked against the sha256 recorded in the manifest before it is used;
+    a mismatch raises ValueError (the next run redoes that shard).
+    """
+    started = time.perf_counter()
+    merged: dict[str, LowRank] = {}
+    for row in rows:
+        path = output_dir / str(row["path"])
+        if not path.is_file() or file_sha256(path) != row["sha256"]:
+            raise ValueError(f"shard file {path} is missing or changed since it was written; "
+                             f"run the job again to redo shard {row['shard']}")
+        merged.update(read_shard(path))
+    modules = peft_io.union_modules(sources)
+    missing = [m for m in modules if m not in merged]
+    assert not missing, f"shards of {merge.name} lack modules {missing[:3]}"
+    merged = {m: merged[m] for m in modules}  # the order coremerge merge uses
+    devices = sorted({str(row["device"]) for row in rows if row.get("device")}) or ["cpu"]
+    options = replace(merge.options, device=",".join(devices))  # the report says where it ran
+    timings = {"merge": float(sum(float(row["seconds"] or 0.0) for row in rows)),
+               "assemble": time.perf_counter() - started}
+    out = finish(output_dir / merge.name, sources, options, merged, out_dtype=parse_dtype(merge.out_dtype),
+                 timings=timings, force=True)
+    return Path(out), file_sha256(Path(out) / WEIGHTS_NAME)

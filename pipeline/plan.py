@@ -1,0 +1,143 @@
+"""Planning: merges -> shards (rows of the manifest) and tasks (units of work for an actor).
+
+A *shard* is one transformer layer's modules (``shard_by: layer``, the default) or one
+module (``shard_by: module``) of one merge; its id is stable across runs ("layer-007").
+A *task* is one shard of one adapter set for every merge that shares that set, so that a
+sweep builds each module's reference bases and core matrices once. Everything here is
+paths, names and hashes: no tensor is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from coremerge import peft_io
+from coremerge.merge import dtype_name
+from coremerge.peft_io import AdapterSource
+
+from pipeline.config import JobSpec, MergeSpec, Sources
+from pipeline.worker import ShardWork, Target
+
+SHARD_FORMAT = 1  # bump when the shard file layout changes: every shard is then redone
+SHARD_DIR = ".shards"
+_LAYER = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One shard of one merge: a row of the manifest."""
+
+    merge: str
+    shard: str
+    modules: tuple[str, ...]
+    path: str  # the shard file, relative to output_dir
+    fingerprint: str  # hash of everything that decides the shard's bytes
+
+
+@dataclass(frozen=True)
+class Task:
+    """One shard of one adapter set, for every merge in ``merges`` (they share the bases)."""
+
+    group: str
+    shard: str
+    adapters: tuple[str, ...]
+    modules: tuple[str, ...]
+    merges: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    units: Mapping[tuple[str, str], Unit]  # (merge, shard) -> unit, in job order
+    tasks: tuple[Task, ...]  # every task of the job, in shard order
+
+    def units_of(self, merge: str) -> list[Unit]:
+        return [u for (m, _), u in self.units.items() if m == merge]
+
+
+def layer_of(module: str) -> int | None:
+    """The transformer layer index in a module name (the first ``.N.`` component), if any.
+
+    Example:
+        >>> layer_of("model.layers.7.self_attn.q_proj"), layer_of("lm_head")
+        (7, None)
+    """
+    match = _LAYER.search(module)
+    return int(match.group(1)) if match else None
+
+
+def shard_modules(modules: Sequence[str], shard_by: str) -> dict[str, tuple[str, ...]]:
+    """Shard id -> its modules, in a stable order.
+
+    Example:
+        >>> shards = shard_modules(["model.layers.0.q", "model.layers.10.q", "model.layers.0.v", "lm_head"], "layer")
+        >>> shards["layer-000"], list(shards)
+        (('model.layers.0.q', 'model.layers.0.v'), ['layer-000', 'layer-010', 'other'])
+    """
+    if shard_by == "module":
+        return {"module-" + re.sub(r"[^A-Za-z0-9._-]", "_", m): (m,) for m in sorted(modules)}
+    layers: dict[int | None, list[str]] = {}
+    for module in modules:
+        layers.setdefault(layer_of(module), []).append(module)
+    width = max([3] + [len(str(i)) for i in layers if i is not None])
+    shards = {f"layer-{i:0{width}d}": tuple(layers[i]) for i in sorted(i for i in layers if i is not None)}
+    if None in layers:
+        shards["other"] = tuple(layers[None])
+    return shards
+
+
+def group_id(merge: MergeSpec) -> str:
+    """The adapter set (and compute dtype) of a merge: merges with equal ids share bases."""
+    key = json.dumps([merge.adapter_set, dtype_name(merge.options.compute_dtype)])
+    return "set-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def make_plan(job: JobSpec, sources: Sources) -> Plan:
+    """Every shard of every merge, and the tasks that compute them."""
+    units: dict[tuple[str, str], Unit] = {}
+    groups: dict[str, list[MergeSpec]] = {}
+    for merge in job.merges:
+        groups.setdefault(group_id(merge), []).append(merge)
+    identities = {ids: _adapter_identity(srcs) for ids, srcs in sources.items()}
+    tasks: list[tuple[int, Task]] = []
+    for group, merges in groups.items():
+        adapters = merges[0].adapter_set
+        shards = shard_modules(peft_io.union_modules(sources[adapters]), job.shard_by)
+        for order, (shard, modules) in enumerate(shards.items()):
+            for merge in merges:
+                units[(merge.name, shard)] = Unit(
+                    merge=merge.name, shard=shard, modules=modules,
+                    path=f"{SHARD_DIR}/{merge.name}/{shard}.safetensors",
+                    fingerprint=_fingerprint(merge, modules, identities[adapters]))
+            tasks.append((order, Task(group=group, shard=shard, adapters=adapters, modules=modules,
+                                      merges=tuple(m.name for m in merges))))
+    ordered = {(m.name, u.shard): u for m in job.merges for u in units.values() if u.merge == m.name}
+    return Plan(units=ordered, tasks=tuple(t for _, t in sorted(tasks, key=lambda item: item[0])))
+
+
+def work_of(job: JobSpec, plan: Plan, task: Task, merges: Sequence[str]) -> ShardWork:
+    """What a worker gets for ``task``, restricted to ``merges`` (those still to do)."""
+    targets = tuple(Target(merge=m, options=job.merge(m).options, out_dtype=job.merge(m).out_dtype,
+                           path=str(job.output_dir / plan.units[(m, task.shard)].path)) for m in merges)
+    return ShardWork(shard=task.shard, adapters=task.adapters, modules=task.modules, targets=targets)
+
+
+def _adapter_identity(sources: Sequence[AdapterSource]) -> list[dict[str, object]]:
+    """What identifies an adapter's content cheaply: its files' sizes and modification times."""
+    out = []
+    for src in sources:
+        files = [Path(src.weights_file), Path(src.path) / "adapter_config.json"]
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+        out.append({"path": str(src.path), "files": stats})
+    return out
+
+
+def _fingerprint(merge: MergeSpec, modules: Sequence[str], identity: list[dict[str, object]]) -> str:
+    options = {k: v for k, v in merge.options.describe().items() if k != "device"}
+    key = {"format": SHARD_FORMAT, "options": options, "out_dtype": merge.out_dtype,
+           "adapters": identity, "modules": list(modules)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

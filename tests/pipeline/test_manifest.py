@@ -1,0 +1,99 @@
+"""The manifest: Parquet that pyarrow reads as a file or a directory dataset, replaced atomically,
+and the resume rule (a done shard whose file still has its checksum is never redone)."""
+
+from __future__ import annotations
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.config import load_job
+from pipeline.manifest import SCHEMA, Manifest, manifest_path, read_manifest
+from pipeline.plan import make_plan
+
+from pipeline_helpers import write_job
+
+JOB = """
+output_dir: out
+merges:
+  - {name: a, adapters: [adapters/snli, adapters/mnli]}
+  - {name: b, adapters: [adapters/snli, adapters/rte], method: ties}
+"""
+
+
+def finish_all(manifest, plan):
+    for key, unit in plan.units.items():
+        path = manifest.output_dir / unit.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"shard {key}".encode())
+        manifest.update(key, status="done", sha256=__import__("hashlib").sha256(path.read_bytes()).hexdigest(),
+                        attempt=1, seconds=0.5, bytes=path.stat().st_size)
+
+
+def test_written_atomically_and_readable_by_pyarrow(tmp_path, adapters):
+    job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
+    plan = make_plan(job, sources)
+    manifest = Manifest(job.output_dir)
+    assert manifest.reconcile(plan) == set(plan.units)
+    finish_all(manifest, plan)
+    manifest.save()
+    assert manifest_path(job.output_dir) == job.output_dir / "manifest" / "manifest.parquet"
+    assert sorted(p.name for p in (job.output_dir / "manifest").iterdir()) == ["manifest.parquet"]  # no temp file left
+    for table in (pq.read_table(job.output_dir / "manifest"), ds.dataset(job.output_dir / "manifest").to_table(),
+                  read_manifest(job.output_dir)):
+        assert table.schema.names == SCHEMA.names
+        assert table.num_rows == len(plan.units) == 6
+        assert set(table.column("status").to_pylist()) == {"done"}
+    required = {"merge", "shard", "status", "path", "sha256", "attempt", "seconds", "error", "max_rss_mb"}
+    assert required <= set(SCHEMA.names)
+
+
+def test_reconcile_keeps_intact_shards_only(tmp_path, adapters):
+    job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
+    plan = make_plan(job, sources)
+    manifest = Manifest(job.output_dir)
+    manifest.reconcile(plan)
+    finish_all(manifest, plan)
+    manifest.save()
+
+    tampered = ("a", "layer-001")
+    (job.output_dir / plan.units[tampered].path).write_bytes(b"not what was written")
+    missing = ("b", "layer-002")
+    (job.output_dir / plan.units[missing].path).unlink()
+    again = Manifest.load(job.output_dir)
+    todo = again.reconcile(plan)
+    assert todo == {tampered, missing}
+    assert again.rows[tampered]["status"] == "pending" and again.rows[tampered]["attempt"] == 1  # attempts carry on
+    assert all(again.rows[k]["status"] == "done" for k in plan.units if k not in todo)
+
+    # new options for merge b: all its shards are redone, from attempt 0; a's stay done
+    write_job(tmp_path / "job.yaml", JOB.replace("method: ties}", "method: ties, alpha: 0.5}"))
+    job2, sources2 = load_job(tmp_path / "job.yaml")
+    todo2 = Manifest.load(job.output_dir).reconcile(make_plan(job2, sources2))
+    assert {k for k in todo2 if k[0] == "b"} == {k for k in plan.units if k[0] == "b"}
+    assert {k for k in todo2 if k[0] == "a"} == {tampered}
+
+
+def test_unplanned_rows_are_dropped(tmp_path, adapters):
+    job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
+    manifest = Manifest(job.output_dir)
+    manifest.reconcile(make_plan(job, sources))
+    manifest.save()
+    write_job(tmp_path / "job.yaml", JOB.split("  - {name: b")[0])
+    job2, sources2 = load_job(tmp_path / "job.yaml")
+    manifest2 = Manifest.load(job.output_dir)
+    manifest2.reconcile(make_plan(job2, sources2))
+    assert {m for m, _ in manifest2.rows} == {"a"}
+
+
+def test_one_driver_per_output_dir(tmp_path):
+    import pytest
+
+    from pipeline.manifest import JobBusyError, job_lock
+
+    with job_lock(tmp_path / "out"):
+        with pytest.raises(JobBusyError, match="another driver is running a job in"):
+            with job_lock(tmp_path / "out"):
+                pass
+    with job_lock(tmp_path / "out"):  # released
+        pass
+    assert [p.name for p in (tmp_path / "out" / "manifest").iterdir()] == [".lock"]

@@ -1,0 +1,115 @@
+"""The unit of work without Ray: a shard equals the library's merge, bases are built once per
+module for every merge that shares them, a rerun writes the same bytes, a bad adapter fails
+only its own merges."""
+
+from __future__ import annotations
+
+import torch
+
+import pipeline.worker as worker
+from coremerge.merge import merge_module_of, parse_dtype
+from pipeline.config import load_job
+from pipeline.plan import make_plan, work_of
+from pipeline.worker import read_shard, run_shard
+
+from pipeline_helpers import poison, write_job
+
+JOB = """
+output_dir: out
+merges:
+  - name: tsv
+    adapters: [adapters/snli, adapters/mnli, {path: adapters/rte, weight: 0.5}]
+    method: tsv
+    alpha: 0.9
+  - name: dare
+    adapters: [adapters/snli, adapters/mnli, adapters/rte]
+    method: dare_ties
+    params: {density: 0.5}
+    seed: 7
+  - name: ties-r3-bf16
+    adapters: [adapters/snli, adapters/mnli, adapters/rte]
+    method: ties
+    rank: 3
+    dtype: bfloat16
+  - name: full-ta
+    adapters: [adapters/snli, adapters/mnli, adapters/rte]
+    space: full
+  - name: pair
+    adapters: [adapters/snli, adapters/mnli]
+    method: iso_c
+"""
+
+
+def planned(tmp_path):
+    job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
+    return job, sources, make_plan(job, sources)
+
+
+def task_of(plan, shard, size):
+    return next(t for t in plan.tasks if t.shard == shard and len(t.merges) == size)
+
+
+def test_shard_equals_library_merge(tmp_path, adapters):
+    job, sources, plan = planned(tmp_path)
+    task = task_of(plan, "layer-001", 4)
+    srcs = sources[task.adapters]
+    records = run_shard(work_of(job, plan, task, task.merges), srcs)
+    assert [r["merge"] for r in records] == list(task.merges)
+    for record in records:
+        assert record["status"] == "done", record["error"]
+        spec = job.merge(record["merge"])
+        path = job.output_dir / plan.units[(spec.name, task.shard)].path
+        assert worker.file_sha256(path) == record["sha256"] and path.stat().st_size == record["bytes"]
+        assert record["max_rss_mb"] > 0 and record["device"] == "cpu"
+        shard = read_shard(path)
+        assert list(shard) == list(task.modules)
+        for module, got in shard.items():
+            want = merge_module_of(srcs, module, spec.options).to(dtype=parse_dtype(spec.out_dtype), device="cpu")
+            assert got.a.dtype == want.a.dtype and torch.equal(got.a, want.a) and torch.equal(got.b, want.b)
+            assert got.energy_kept == want.energy_kept
+
+
+def test_bases_built_once_per_module_for_a_sweep(tmp_path, adapters, monkeypatch):
+    job, sources, plan = planned(tmp_path)
+    task = task_of(plan, "layer-000", 4)
+    built = []
+    original = worker.build_core_space
+    monkeypatch.setattr(worker, "build_core_space", lambda s, module, **kw: built.append(module) or original(s, module, **kw))
+    records = run_shard(work_of(job, plan, task, task.merges), sources[task.adapters])
+    assert all(r["status"] == "done" for r in records)
+    assert built == list(task.modules)  # once per module, for the 3 core-space merges together
+
+
+def test_rerun_writes_identical_bytes(tmp_path, adapters):
+    job, sources, plan = planned(tmp_path)
+    task = task_of(plan, "layer-002", 4)
+    work = work_of(job, plan, task, task.merges)
+    first = [r["sha256"] for r in run_shard(work, sources[task.adapters])]
+    again = [r["sha256"] for r in run_shard(work, sources[task.adapters])]
+    assert first == again and None not in first
+    leftovers = [p for p in (job.output_dir / ".shards").rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_bad_adapter_fails_only_its_merges(tmp_path, adapters):
+    poison(adapters[2], "model.layers.1.self_attn.q_proj")  # rte, layer 1
+    job, sources, plan = planned(tmp_path)
+    bad = task_of(plan, "layer-001", 4)
+    records = run_shard(work_of(job, plan, bad, bad.merges), sources[bad.adapters])
+    assert {r["status"] for r in records} == {"failed"}
+    for record in records:
+        assert "model.layers.1.self_attn.q_proj" in record["error"] and "NaN" in record["error"]
+        assert "\n" not in record["error"]
+        assert not (job.output_dir / plan.units[(record["merge"], "layer-001")].path).exists()
+    fine = task_of(plan, "layer-000", 4)  # another layer of the same adapters is fine
+    assert {r["status"] for r in run_shard(work_of(job, plan, fine, fine.merges), sources[fine.adapters])} == {"done"}
+
+
+def test_the_unit_of_work_needs_no_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.config, pipeline.plan, pipeline.worker; "
+            "print(sorted(m for m in ('ray', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
