@@ -44,7 +44,7 @@ def demo_job_yaml(root: Path, adapters: list[Path]) -> str:
 
 
 def run_demo(root: Path, *, use_ray: bool = True) -> int:
-    root = Path(root)
+    root = Path(root).resolve()  # the job file names absolute paths
     adapters = write_demo_adapters(root / "adapters")
     print(f"wrote {len(adapters)} example adapters under {root / 'adapters'}")
     if use_ray:
