@@ -75,6 +75,7 @@ def test_pipeline_equals_coremerge_merge(tmp_path, adapters, one_thread, capsys,
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "finished" and "progress" in kinds
     assert kinds.count("merge_written") == 5
+    assert max(e["running"] for e in events if e["event"] == "progress") <= 2 * 2  # workers x max_in_flight
     assert events[-1]["done"] == events[-1]["total"] == 15 and events[-1]["failed_merges"] == []
     assert events[-1]["driver_max_rss_mb"] > 50 and events[-1]["worker_max_rss_mb"] > 50
 

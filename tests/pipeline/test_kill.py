@@ -5,6 +5,7 @@ adapter equals an uninterrupted run's."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import tempfile
 import time
 import uuid
 
+import pytest
 
 from pipeline.driver import run_job_file, status_file
 from pipeline.manifest import read_manifest
@@ -42,6 +44,7 @@ def done_rows(output_dir):
     return {(r["merge"], r["shard"]): r for r in table.to_pylist() if r["status"] == "done"}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume(tmp_path, ray_session, capsys):
     make_adapters(tmp_path / "adapters", layers=6)
     job = write_job(tmp_path / "job.yaml", JOB.format(out="out"))
@@ -77,6 +80,7 @@ def test_sigkill_then_resume(tmp_path, ray_session, capsys):
         assert again.returncode == 0, again.stdout + again.stderr
     finally:
         stop_marked(marker)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     after = {(r["merge"], r["shard"]): r for r in read_manifest(tmp_path / "out").to_pylist()}
     assert {r["status"] for r in after.values()} == {"done"} and len(after) == 6
     for key, row in before.items():  # finished before the kill: never redone

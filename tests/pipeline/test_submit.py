@@ -35,6 +35,7 @@ def listening(port: int) -> set[str]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ray") is None, reason="the ray command is not installed")
 def test_ray_job_submit_to_local_head(tmp_path, one_thread):
     adapters = make_adapters(tmp_path / "adapters")
@@ -57,7 +58,8 @@ def test_ray_job_submit_to_local_head(tmp_path, one_thread):
     token.write_text(secrets.token_hex(32))
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    env.update(COREMERGE_TEST_RUN=marker, RAY_TMPDIR=tempfile.mkdtemp(prefix="cms", dir="/tmp"),
+    ray_tmp = tempfile.mkdtemp(prefix="cms", dir="/tmp")  # its own Ray: session files, sockets
+    env.update(COREMERGE_TEST_RUN=marker, RAY_TMPDIR=ray_tmp,
                RAY_AUTH_TOKEN_PATH=str(token), RAY_HEAD_PORT=str(gcs), RAY_DASHBOARD_PORT=str(dashboard))
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -82,6 +84,7 @@ def test_ray_job_submit_to_local_head(tmp_path, one_thread):
         assert submit.returncode == 0 and "succeeded" in logs, logs
     finally:
         stop_marked(marker, grace=3)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     finished = [e for e in json_lines(submit.stdout) if e["event"] == "finished"]  # the job's log lines
     assert finished and finished[0]["done"] == finished[0]["total"] == 3
     assert set(read_manifest(tmp_path / "out").column("status").to_pylist()) == {"done"}
