@@ -197,6 +197,13 @@ def markdown(summary: Mapping, png_name: str) -> str:
         seen = {e["alpha"]: e["val_normalized"] for e in r["search"]}
         out.append(f"| {r['method']} | {r['space']} | " + " | ".join(
             (f"**{seen[a]:.1f}**" if a == r["alpha"] else f"{seen[a]:.1f}") if a in seen else "" for a in s["alphas"]) + " |")
+    low = [k for k, r in res.items() if r["alpha"] == min(s["alphas"])]
+    high = [k for k, r in res.items() if r["alpha"] == max(s["alphas"])]
+    if low:
+        out += ["", f"α chosen at the lowest value of the grid ({min(s['alphas']):g}) for: {', '.join(low)} — "
+                    "their best α may lie below the grid."]
+    if high:
+        out += ["", f"α chosen at the highest value of the grid ({max(s['alphas']):g}) for: {', '.join(high)}."]
     out += ["", "## Adapters", "", "| task | LoRA | steps × batch | train s | own test accuracy % | zero-shot % |",
             "|---|---|---|---|---|---|"]
     for t in tasks:
