@@ -132,7 +132,9 @@ def markdown(summary: Mapping, png_name: str) -> str:
     stages = summary["stages_s"]
     cold = summary.get("cold_start_s", {})
     train_s = sum(log["seconds"] for log in summary["train"].values())
-    merge_eval_s = sum(v for k, v in stages.items() if k.startswith("merge "))
+    # a pair found in the cache took no time in this run: count the time recorded when it ran
+    merge_eval_s = sum(max(stages.get(f"merge {r['method']} in {r['space']} space", 0.0), r.get("seconds", 0.0))
+                       for r in summary["results"].values())
     check_ref_s = sum(v for k, v in stages.items() if k.startswith(("references", "check")))
     setup_s = sum(cold.get(k, stages.get(k, 0.0)) for k in ("set-up (registry downloads)", "data", "base model"))
     cold_total = setup_s + train_s + check_ref_s + merge_eval_s
@@ -167,6 +169,8 @@ def markdown(summary: Mapping, png_name: str) -> str:
         + f"; adapters trained {s['steps']} steps of batch {s['batch_size']} (lr {s['lr']:g}). "
         "Normalized accuracy = 100 × merged accuracy / the task's own adapter's accuracy on the same examples.",
         "",
+        *([f"**Not run in this report** (the run was stopped before them; `{cmd}` completes them from the cache): "
+           + ", ".join(summary["missing"]) + ".", ""] if summary.get("missing") else []),
         "## Results (test)",
         "",
         "| method | space | α | merge s | mean accuracy % | mean normalized % |",

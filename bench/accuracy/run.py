@@ -48,6 +48,7 @@ class Settings:
     max_tokens: int
     threads: int = 1
     setup_only: bool = False
+    report_only: bool = False
 
     def key(self, *fields: str) -> str:
         """A short fingerprint of the named settings (what a cached result depends on)."""
@@ -78,6 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-tokens", type=int, default=1024, help="padded tokens per evaluation batch")
     p.add_argument("--setup-only", action="store_true", help="download and build the data, then stop")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the cached results only; pairs not yet run are listed as missing")
     args = p.parse_args(argv)
     from bench.accuracy.tasks import TASKS
 
@@ -95,7 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     settings = Settings(tasks=tasks, methods=methods, spaces=spaces, val_per_task=val, test_per_task=test,
                         alphas=alphas, early_stop=early, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, device=args.device, max_tokens=args.max_tokens,
-                        threads=args.threads, setup_only=args.setup_only)
+                        threads=args.threads, setup_only=args.setup_only,
+                        report_only=args.report_only)
     return settings
 
 
@@ -252,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapters = [adapter_dirs[t] for t in settings.tasks]
 
     def run_combo(method: str, space: str) -> dict:
+        start = time.perf_counter()
         unit = cache / "merges" / f"{method}-{space}-a1"
         rep1 = harness.coremerge_merge(adapters, unit, method=method, space=space, alpha=1.0, seed=settings.seed,
                                        device=settings.device)
@@ -281,10 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "command": rep["bench"]["command"], "cli_wall_s": rep["bench"]["wall_s"],
                 "alpha_linearity": linear, "test_accuracy": test, "test_predictions": preds,
                 "normalized": {t: 100.0 * test[t] / own_test[t] for t in test},
-                "mean_normalized": normalized(test, own_test)}
+                "mean_normalized": normalized(test, own_test), "seconds": time.perf_counter() - start}
 
     results = {}
+    missing = []
     for method, space in combos(settings):
+        if settings.report_only and not (results_dir / f"{method}-{space}.json").exists():
+            missing.append(f"{method}/{space}")
+            continue
         results[f"{method}/{space}"] = clock.stage(
             f"merge {method} in {space} space", lambda: _cached(results_dir / f"{method}-{space}.json",
                                                                 lambda: run_combo(method, space)))
@@ -302,13 +311,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         ta_check = clock.stage("check: ta core vs full", lambda: _cached(results_dir / "check_ta.json", ta_same))
     swap.reset()
 
+    stages, total = dict(clock.stages), clock.elapsed()
+    previous = cache / "summary.json"
+    if settings.report_only and previous.exists():  # keep the times of the run that computed the results
+        before = json.loads(previous.read_text())
+        stages = {k: max(v, stages.get(k, 0.0)) for k, v in before["stages_s"].items()} | {
+            k: v for k, v in stages.items() if k not in before["stages_s"]}
+        total = max(total, before["total_s"])
+        if not throughput["seconds"] and before.get("eval_tokens_per_s"):
+            throughput.update(tokens=before["eval_tokens_per_s"], seconds=1.0)
     summary = {
         "settings": asdict(settings), "manifest": manifest, "machine": machine(settings.device),
-        "stages_s": clock.stages, "total_s": clock.elapsed(), "train": train_logs, "cold_start_s": cold,
+        "stages_s": stages, "total_s": total, "train": train_logs, "cold_start_s": cold,
         "eval_tokens_per_s": throughput["tokens"] / throughput["seconds"] if throughput["seconds"] else None,
         "zero_shot_test": accs(refs["base_test"], "test"), "own_test": own_test, "own_val": own_val,
         "golds_test": golds("test"), "own_test_predictions": refs["own_test"],
-        "check_alone": alone, "check_ta": ta_check, "results": results,
+        "check_alone": alone, "check_ta": ta_check, "results": results, "missing": missing,
     }
     (cache / "summary.json").write_text(json.dumps(summary, indent=1))
     report.write(summary, BENCH / "ACCURACY.md", BENCH / "accuracy.png")
