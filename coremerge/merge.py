@@ -18,7 +18,7 @@ import torch
 
 from coremerge import methods, peft_io
 from coremerge.spaces import CoreSpace, check_space, merge_module, module_generator
-from coremerge.types import LowRank
+from coremerge.types import LowRank, StoredLowRank
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def open_all(specs: Sequence[str | Path]) -> list[peft_io.AdapterSource]:
 
 
 def build_report(sources: Sequence[peft_io.AdapterSource], options: MergeOptions,
-                 merged: Mapping[str, LowRank], *, out_dtype: torch.dtype,
+                 merged: Mapping[str, LowRank | StoredLowRank], *, out_dtype: torch.dtype,
                  timings: Mapping[str, float]) -> dict[str, object]:
     """merge_report.json: what went in, how it was merged, what came out."""
     from coremerge import __version__
@@ -169,7 +169,7 @@ def build_report(sources: Sequence[peft_io.AdapterSource], options: MergeOptions
 
 
 def finish(out_dir: str | Path, sources: Sequence[peft_io.AdapterSource], options: MergeOptions,
-           merged: Mapping[str, LowRank], *, out_dtype: torch.dtype, timings: Mapping[str, float],
+           merged: Mapping[str, LowRank | StoredLowRank], *, out_dtype: torch.dtype, timings: Mapping[str, float],
            force: bool = False) -> Path:
     """Write the merged adapter directory (atomically) with its config and report."""
     config = peft_io.adapter_config_for(sources, {name: lr.rank for name, lr in merged.items()})

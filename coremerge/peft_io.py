@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,14 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
 from coremerge import hub
 from coremerge.errors import AdapterError
-from coremerge.types import LoraFactors, LowRank
+from coremerge.types import LoraFactors, LowRank, StoredLowRank
 
 log = logging.getLogger(__name__)
 
@@ -617,28 +617,80 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _writable_tensors(modules: Mapping[str, LowRank], config: Mapping[str, Any],
-                      dtype: torch.dtype) -> dict[str, Tensor]:
-    tensors: dict[str, Tensor] = {}
-    for module, lr in sorted(modules.items()):
-        a, b = lr.a, lr.b  # (q, n), (m, q)
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise ValueError(f"module {module!r}: a {list(a.shape)} and b {list(b.shape)} are not (q, n) and (m, q)")
-        if a.shape[0] == 0:  # PEFT needs r >= 1: an all-zero update is one zero rank
-            a, b = a.new_zeros(1, a.shape[1]), b.new_zeros(b.shape[0], 1)
+# safetensors' names for the dtypes a merged adapter can be written in.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def _tensor_layout(modules: Mapping[str, LowRank | StoredLowRank],
+                   config: Mapping[str, Any]) -> dict[str, tuple[str, str, tuple[int, int]]]:
+    """tensor name -> (module, part, shape) for every tensor of the merged adapter, checked against ``config``."""
+    layout: dict[str, tuple[str, str, tuple[int, int]]] = {}
+    for module, lr in modules.items():
+        rank = max(lr.rank, 1)  # PEFT needs r >= 1: an all-zero update is written as one zero rank
         r, _ = resolve_rank_alpha(config, module)
-        if r != a.shape[0] or abs(lora_scale(config, module) - 1.0) > 1e-12:
-            raise ValueError(f"module {module!r}: rank {a.shape[0]} but the config gives rank {r} and scale "
+        if r != rank or abs(lora_scale(config, module) - 1.0) > 1e-12:
+            raise ValueError(f"module {module!r}: rank {rank} but the config gives rank {r} and scale "
                              f"{lora_scale(config, module)}; build the config with adapter_config_for")
-        for part, t in (("lora_A", a), ("lora_B", b)):
-            t = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"module {module!r}: merged {part} has NaN or Inf in {dtype}")
-            tensors[f"{PREFIX}{module}.{part}.weight"] = t
-    return tensors
+        layout[f"{PREFIX}{module}.lora_A.weight"] = (module, "lora_A", (rank, lr.in_features))
+        layout[f"{PREFIX}{module}.lora_B.weight"] = (module, "lora_B", (lr.out_features, rank))
+    return layout
 
 
-def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank], *, config: dict,
+def _module_tensors(module: str, lr: LowRank, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The two tensors of one merged module as written: cpu, ``dtype``, contiguous, finite."""
+    a, b = lr.a, lr.b  # (q, n), (m, q)
+    if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+        raise ValueError(f"module {module!r}: a {list(a.shape)} and b {list(b.shape)} are not (q, n) and (m, q)")
+    if a.shape[0] == 0:
+        a, b = a.new_zeros(1, a.shape[1]), b.new_zeros(b.shape[0], 1)
+    out = {}
+    for part, t in (("lora_A", a), ("lora_B", b)):
+        t = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"module {module!r}: merged {part} has NaN or Inf in {dtype}")
+        out[part] = t
+    return out
+
+
+def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
+                   layout: Mapping[str, tuple[str, str, tuple[int, int]]], dtype: torch.dtype,
+                   metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file one module at a time, byte for byte what ``safetensors.torch.save_file`` writes.
+
+    The file is an 8-byte little-endian header length, a JSON header (``__metadata__`` first, then
+    each tensor's dtype, shape and data offsets, tensors sorted by name, as safetensors sorts a
+    single-dtype file) padded with spaces to a multiple of 8, then the tensors' bytes in that order.
+    Only one module's tensors are in memory at a time (tests/test_peft_io.py compares the bytes with
+    save_file's).
+    """
+    if sys.byteorder != "little":  # safetensors is little-endian; tensor bytes are written as they lie
+        raise OSError("writing safetensors files needs a little-endian machine")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    names = sorted(layout)
+    for name in names:
+        shape = layout[name][2]
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    loaded: tuple[str, dict[str, Tensor]] | None = None  # the module in hand (its A and B are neighbours)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in names:
+            module, part, shape = layout[name]
+            if loaded is None or loaded[0] != module:
+                loaded = (module, _module_tensors(module, modules[module].load(), dtype))
+            t = loaded[1][part]
+            if tuple(t.shape) != shape:
+                raise ValueError(f"module {module!r}: {part} has shape {list(t.shape)}, expected {list(shape)}")
+            f.write(t.view(torch.uint8).numpy().data)
+
+
+def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank | StoredLowRank], *, config: dict,
                   report: dict | None, dtype: torch.dtype, force: bool = False) -> Path:
     """Write a PEFT LoRA adapter directory atomically; returns its path.
 
@@ -646,6 +698,8 @@ def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank], *,
     ``out_dir`` is either absent/untouched or complete. An existing ``out_dir`` is refused unless
     ``force``; with ``force`` it is replaced only after the new one is complete, and only if it looks
     like an adapter directory (empty or holding adapter_config.json). Same inputs, same bytes.
+    ``modules`` may hold :class:`StoredLowRank` entries: they are loaded one at a time while the
+    weights file is written, so the merged adapter never has to fit in memory all at once.
 
     Example:
         >>> write_adapter("merged/", merged, config=adapter_config_for(srcs, ranks), report=None,
@@ -660,11 +714,13 @@ def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank], *,
                              f"refusing to replace it even with --force")
     if not modules:
         raise ValueError("no merged modules to write")
-    tensors = _writable_tensors(modules, config, dtype)
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"cannot write an adapter in {dtype}; expected one of {list(_SAFETENSORS_DTYPES)}")
+    layout = _tensor_layout(modules, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        safetensors.torch.save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        _save_streamed(tmp / SAFETENSORS_NAME, modules, layout, dtype, {"format": "pt"})
         (tmp / CONFIG_NAME).write_bytes(_json_bytes(config))
         if report is not None:
             (tmp / REPORT_NAME).write_bytes(_json_bytes(report))

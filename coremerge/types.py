@@ -7,6 +7,7 @@ adapter's scale already folded into ``b`` (peft_io does that, once).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,9 +65,51 @@ class LowRank:
     def rank(self) -> int:
         return self.a.shape[0]
 
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[0]
+
+    def load(self) -> "LowRank":
+        """Itself (the interface it shares with :class:`StoredLowRank`)."""
+        return self
+
     def delta(self) -> Tensor:
         return self.b @ self.a  # (m, n)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "LowRank":
         return LowRank(a=self.a.to(device=device, dtype=dtype), b=self.b.to(device=device, dtype=dtype),
                        energy_kept=self.energy_kept)
+
+
+@dataclass(frozen=True)
+class StoredLowRank:
+    """A merged module that stays on disk until it is written: its shape now, its factors on demand.
+
+    ``peft_io.write_adapter`` takes these where it takes :class:`LowRank`, and loads one module at
+    a time, so a merged adapter larger than memory (a 70B model's) streams from the files that hold
+    its modules into the output file.
+
+    Example:
+        >>> lr = LowRank(a=torch.ones(2, 5), b=torch.ones(3, 2))
+        >>> s = StoredLowRank(rank=2, in_features=5, out_features=3, energy_kept=None, loader=lambda: lr)
+        >>> s.load() is lr
+        True
+    """
+
+    rank: int
+    in_features: int
+    out_features: int
+    energy_kept: float | None
+    loader: Callable[[], LowRank]
+
+    def load(self) -> LowRank:
+        lr = self.loader()
+        expected = (self.rank, self.in_features, self.out_features)
+        if (lr.rank, lr.in_features, lr.out_features) != expected:
+            raise ValueError(f"stored module holds rank/in/out {(lr.rank, lr.in_features, lr.out_features)}, "
+                             f"expected {expected}")
+        return lr

@@ -2,6 +2,8 @@
 
 ``finish`` is what ``coremerge merge`` calls too, so the adapter directory (tensors, config,
 report) is the one the command writes for the same inputs; only the report's timings differ.
+The modules stay in their shard files until the writer streams them, one at a time, into the
+output: the driver never holds a whole merged adapter (a 70B one is gigabytes).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from pathlib import Path
 from coremerge import peft_io
 from coremerge.merge import finish, parse_dtype
 from coremerge.peft_io import AdapterSource, file_sha256
-from coremerge.types import LowRank
+from coremerge.types import StoredLowRank
 
 from pipeline.config import MergeSpec
-from pipeline.worker import read_shard
+from pipeline.worker import stored_modules
 
 WEIGHTS_NAME = peft_io.SAFETENSORS_NAME
 
@@ -30,13 +32,13 @@ def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource
     a mismatch raises ValueError (the next run redoes that shard).
     """
     started = time.perf_counter()
-    merged: dict[str, LowRank] = {}
+    merged: dict[str, StoredLowRank] = {}
     for row in rows:
         path = output_dir / str(row["path"])
         if not path.is_file() or file_sha256(path) != row["sha256"]:
             raise ValueError(f"shard file {path} is missing or changed since it was written; "
                              f"run the job again to redo shard {row['shard']}")
-        merged.update(read_shard(path))
+        merged.update(stored_modules(path))
     modules = peft_io.union_modules(sources)
     missing = [m for m in modules if m not in merged]
     assert not missing, f"shards of {merge.name} lack modules {missing[:3]}"

@@ -21,7 +21,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
 from coremerge.peft_io import AdapterSource, file_sha256
-from coremerge.types import LowRank
+from coremerge.types import LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
 
@@ -159,6 +159,32 @@ def read_shard(path: str | Path) -> dict[str, LowRank]:
         return {module: LowRank(a=f.get_tensor(f"{module}.a"), b=f.get_tensor(f"{module}.b"),
                                 energy_kept=meta["energy_kept"][module])
                 for module in meta["modules"]}
+
+
+def stored_modules(path: str | Path) -> dict[str, StoredLowRank]:
+    """The merged modules in a shard file, in the order they were written, each loaded only on demand.
+
+    Shapes and energies come from the file's header; :meth:`StoredLowRank.load` reads one module's
+    two tensors. Assembly hands these to the adapter writer, so the driver holds one module at a time.
+    """
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})[META_KEY])
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+    def loader(module: str) -> Callable[[], LowRank]:
+        def load() -> LowRank:
+            with safe_open(str(path), framework="pt") as f:
+                return LowRank(a=f.get_tensor(f"{module}.a"), b=f.get_tensor(f"{module}.b"),
+                               energy_kept=meta["energy_kept"][module])
+        return load
+
+    out = {}
+    for module in meta["modules"]:
+        (q, n), (m, _) = shapes[f"{module}.a"], shapes[f"{module}.b"]
+        out[module] = StoredLowRank(rank=q, in_features=n, out_features=m, energy_kept=meta["energy_kept"][module],
+                                    loader=loader(module))
+    return out
 
 
 def _check_finite(result: LowRank, module: str) -> None:

@@ -24,7 +24,7 @@ from peft_factories import (block_network, load_peft_model, make_tiny_gpt2, make
 from coremerge.errors import AdapterError  # noqa: E402
 from coremerge.peft_io import (adapter_config_for, check_compatible, file_sha256, load_factors,  # noqa: E402
                                open_adapter, pattern_key, union_modules, write_adapter)
-from coremerge.types import LowRank  # noqa: E402
+from coremerge.types import LowRank, StoredLowRank  # noqa: E402
 
 LoraConfig, VeraConfig = peft.LoraConfig, peft.VeraConfig
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -436,7 +436,7 @@ def test_write_refuses_existing_dir_and_force_replaces_it(plain, tmp_path):
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_write_failure_leaves_nothing_behind(plain, tmp_path, monkeypatch, existing):
+def test_write_failure_leaves_nothing_behind(plain, tmp_path, existing):
     src = open_adapter(plain)
     merged = random_merged(src, [2] * 10, seed=3)
     config = adapter_config_for([src], {m: 2 for m in merged})
@@ -445,13 +445,15 @@ def test_write_failure_leaves_nothing_behind(plain, tmp_path, monkeypatch, exist
         write_adapter(out, merged, config=config, report=None, dtype=torch.float32)
     before = {p.name: p.read_bytes() for p in out.iterdir()} if existing else None
 
-    def half_write(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
+    def failing():  # the weights file is half written when this module's turn comes
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+    middle = sorted(merged)[len(merged) // 2]
+    broken = dict(merged)
+    broken[middle] = StoredLowRank(rank=2, in_features=merged[middle].in_features,
+                                   out_features=merged[middle].out_features, energy_kept=None, loader=failing)
     with pytest.raises(OSError, match="disk full"):
-        write_adapter(out, merged, config=config, report=None, dtype=torch.float32, force=True)
+        write_adapter(out, broken, config=config, report=None, dtype=torch.float32, force=True)
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
     if existing:
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -471,6 +473,66 @@ def test_write_is_deterministic(plain, tmp_path):
     assert open_adapter(a).dtype == torch.bfloat16
     with safetensors.safe_open(st, framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_streamed_weights_are_save_files_bytes(plain, tmp_path, dtype):
+    # The writer streams module by module; safetensors' own save_file, given every tensor at once,
+    # must produce the very same file (mixed ranks, an all-zero module written as one zero rank).
+    src = open_adapter(plain)
+    merged = random_merged(src, [3, 0, 5, 3, 1, 2, 3, 4, 7, 3], seed=8)
+    config = adapter_config_for([src], {m: lr.rank for m, lr in merged.items()})
+    out = write_adapter(tmp_path / "out", merged, config=config, report=None, dtype=dtype)
+    tensors = {}
+    for m, lr in merged.items():
+        a, b = (lr.a, lr.b) if lr.rank else (torch.zeros(1, lr.in_features), torch.zeros(lr.out_features, 1))
+        tensors[f"base_model.model.{m}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"base_model.model.{m}.lora_B.weight"] = b.to(dtype).contiguous()
+    safetensors.torch.save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_stored_modules_are_loaded_one_at_a_time(plain, tmp_path):
+    # Lazily stored modules give the same bytes as in-memory ones, each loaded exactly once and
+    # dropped before the next is loaded (what lets the pipeline write a 70B adapter from its shards).
+    src = open_adapter(plain)
+    merged = random_merged(src, [3, 2, 5, 3, 1, 2, 3, 4, 7, 3], seed=9)
+    config = adapter_config_for([src], {m: lr.rank for m, lr in merged.items()})
+    loads, alive = [], []
+
+    class Tracked(LowRank):
+        def __del__(self):
+            alive.remove(id(self))
+
+    def loader(m):
+        def load():
+            loads.append(m)
+            assert not alive, "a module was still held when the next one was loaded"
+            lr = Tracked(a=merged[m].a.clone(), b=merged[m].b.clone())
+            alive.append(id(lr))
+            return lr
+        return load
+
+    stored = {m: StoredLowRank(rank=lr.rank, in_features=lr.in_features, out_features=lr.out_features,
+                               energy_kept=None, loader=loader(m)) for m, lr in merged.items()}
+    lazy = write_adapter(tmp_path / "lazy", stored, config=config, report=None, dtype=torch.bfloat16)
+    eager = write_adapter(tmp_path / "eager", merged, config=config, report=None, dtype=torch.bfloat16)
+    assert sorted(loads) == sorted(merged) and len(loads) == len(merged)
+    assert (lazy / "adapter_model.safetensors").read_bytes() == (eager / "adapter_model.safetensors").read_bytes()
+
+
+def test_stored_module_with_a_wrong_shape_is_refused_and_nothing_written(plain, tmp_path):
+    src = open_adapter(plain)
+    merged = random_merged(src, [2] * 10, seed=10)
+    config = adapter_config_for([src], {m: 2 for m in merged})
+    first = next(iter(merged))
+    stored = dict(merged)
+    stored[first] = StoredLowRank(rank=2, in_features=merged[first].in_features + 1,
+                                  out_features=merged[first].out_features, energy_kept=None,
+                                  loader=lambda: merged[first])
+    with pytest.raises(ValueError, match="expected"):
+        write_adapter(tmp_path / "out", stored, config=config, report=None, dtype=torch.float32)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_config_falls_back_to_module_list_and_agrees_only_on_common_fields(root, plain):
