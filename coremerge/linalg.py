@@ -4,6 +4,7 @@ exactly-zero directions, and factorizations that never form an m x n matrix.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from coremerge.types import LowRank
 
+log = logging.getLogger(__name__)
 
 SMALL = 1024  # decompositions of matrices no wider than this run on one thread
 
@@ -48,6 +50,29 @@ def rank_tolerance(s: Tensor, shape: tuple[int, int]) -> float:
     return float(s.max()) * max(shape) * eps
 
 
+def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``x = u @ diag(s) @ vh`` (batched over leading dims) that does not give up.
+
+    LAPACK's divide-and-conquer SVD (gesdd, what torch uses on the CPU) can fail to converge on
+    float32 matrices with many repeated singular values: Iso-CTS in full space builds such
+    matrices from the arbitrary null-space directions of low-rank tasks (seen on SmolLM2's
+    576 x 576 up_proj). Then the same SVD runs in float64, and if that fails too, on the
+    transpose; the factors come back in ``x``'s dtype.
+    """
+    with one_thread_if_small(*x.shape[-2:]):
+        try:
+            return torch.linalg.svd(x, full_matrices=False)  # (..., p, d), (..., d), (..., d, q)
+        except torch.linalg.LinAlgError:
+            log.debug("SVD of a %s %s matrix did not converge; retrying in float64", tuple(x.shape), x.dtype)
+        x64 = x.to(torch.float64)
+        try:
+            u, s, vh = torch.linalg.svd(x64, full_matrices=False)
+        except torch.linalg.LinAlgError:
+            v, s, uh = torch.linalg.svd(x64.mT, full_matrices=False)  # xᵀ = v s uᵀ
+            u, vh = uh.mT, v.mT
+    return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``x = u @ diag(s) @ vh`` keeping only the non-zero spectrum.
 
@@ -64,15 +89,13 @@ def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     m, n = x.shape
     if m >= 2 * n:
         q, r = torch.linalg.qr(x)  # (m, n), (n, n)
-        with one_thread_if_small(n, n):
-            p, s, vh = torch.linalg.svd(r)  # (n, n), (n,), (n, n)
+        p, s, vh = svd(r)  # (n, n), (n,), (n, n)
         u = q @ p  # (m, n)
     elif n >= 2 * m:
         vt, s, uh = thin_svd(x.T)  # x.T = vt s uh  ->  x = uh.T s vt.T
         return uh.T, s, vt.T
     else:
-        with one_thread_if_small(m, n):
-            u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (m, d), (d,), (d, n)
+        u, s, vh = svd(x)  # (m, d), (d,), (d, n)
     keep = int((s > rank_tolerance(s, (m, n))).sum())
     return u[:, :keep], s[:keep], vh[:keep]
 

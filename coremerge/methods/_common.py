@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from coremerge.linalg import one_thread_if_small, rank_tolerance  # noqa: F401  (re-exported)
+from coremerge.linalg import svd as linalg_svd
 
 # ----------------------------------------------------------------------------- input checks
 
@@ -82,9 +83,11 @@ def check_task_ranks(task_ranks: Sequence[int], num_tasks: int, method: str) -> 
 
 
 def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD ``x = u @ diag(s) @ vh`` (batched over leading dims), singular values descending."""
-    with one_thread_if_small(*x.shape):
-        return torch.linalg.svd(x, full_matrices=False)  # (..., p, d), (..., d), (..., d, q)
+    """Thin SVD ``x = u @ diag(s) @ vh`` (batched over leading dims), singular values descending.
+
+    ``coremerge.linalg.svd``: falls back to float64 where LAPACK's float32 SVD does not converge.
+    """
+    return linalg_svd(x)  # (..., p, d), (..., d), (..., d, q)
 
 
 def nonzero_spectrum(s: Tensor, shape: Sequence[int]) -> Tensor:

@@ -67,3 +67,32 @@ def test_generator_must_be_an_explicit_cpu_generator():
         _common.check_generator(None, "dare")
     with pytest.raises(ValueError, match="CPU torch.Generator"):
         _common.check_generator(0, "dare")
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_svd_falls_back_to_float64_when_lapack_does_not_converge(monkeypatch, failures):
+    # LAPACK's float32 gesdd gave up on a full-space Iso-CTS matrix of the accuracy benchmark
+    # (many repeated singular values). The helper must retry, in float64, then on the transpose,
+    # and still return an exact float32 SVD.
+    from coremerge import linalg
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 6, generator=g)  # batched, as the methods call it
+    real_svd, calls = torch.linalg.svd, []
+
+    def flaky(a, full_matrices=True):
+        calls.append(a.dtype)
+        if len(calls) <= failures:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(linalg.torch.linalg, "svd", flaky)
+    u, s, vh = _common.svd(x)
+    assert calls == [torch.float32, torch.float64, torch.float64][: failures + 1]
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert (u.shape, s.shape, vh.shape) == ((2, 9, 6), (2, 6), (2, 6, 6))
+    torch.testing.assert_close((u * s[..., None, :]) @ vh, x, rtol=0, atol=1e-5)
+    eye = torch.eye(6).expand(2, 6, 6)
+    torch.testing.assert_close(u.mT @ u, eye, rtol=0, atol=1e-5)
+    torch.testing.assert_close(vh @ vh.mT, eye, rtol=0, atol=1e-5)
+    assert bool((s[..., :-1] >= s[..., 1:]).all())

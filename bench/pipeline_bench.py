@@ -1,0 +1,129 @@
+"""The pipeline benchmarks of bench/RESULTS.md: each job run as users run it, from a clean output dir.
+
+    python bench/pipeline_jobs.py                       # once: the adapter sets and job files
+    python bench/pipeline_bench.py 8b batch sweep 70b   # any subset; --runs N (default 3)
+
+Every run is a fresh ``python -m pipeline run JOB`` (its own local Ray, started and stopped by
+the job) after the job's output directory is deleted, so nothing is resumed. From the job's
+last progress line it takes ``elapsed_s`` (the job after Ray has started: planning, actors,
+merging, assembly) and the peak RSS of the driver and of the workers; the whole process's wall
+time is measured around it. Results are appended to bench/.cache/pipeline_bench.jsonl and a
+summary (medians) is printed as Markdown rows.
+
+- 8b:    the 8-adapter Llama-3-8B tsv merge through the pipeline, against ``coremerge merge`` on
+         the same adapters in one process (the library); target pipeline <= 1.5x once Ray is up.
+- batch: 16 merges of 4 Llama-3.2-1B adapters with 1 and with 2 workers; target 2 workers >= 1.7x
+         the throughput (merges per second after Ray is up) of 1.
+- sweep: one sweep of 16 (method, alpha) combinations against the same 16 merges with nothing
+         shared; target >= 3x faster.
+- 70b:   a Llama-3-70B-shaped 4-adapter ta merge (80 layers, r=16); targets: driver peak RSS
+         under 1 GB, worker under 2 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+JOBS = HERE / ".cache" / "jobs"
+LOG = HERE / ".cache" / "pipeline_bench.jsonl"
+
+
+def run_job(name: str) -> dict:
+    """One fresh run of jobs/<name>.yaml; its last progress line plus the process's wall time."""
+    job = JOBS / f"{name}.yaml"
+    out = Path(yaml.safe_load(job.read_text())["output_dir"])
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(job)], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{job} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    last = next(e for e in reversed(events) if e.get("event") == "finished")
+    shards = next(e for e in events if e.get("event") == "start")["shards"]
+    return {"job": name, "wall_s": round(wall, 2), "elapsed_s": last["elapsed_s"], "shards": shards,
+            "merges": last["merges"], "driver_max_rss_mb": last["driver_max_rss_mb"],
+            "worker_max_rss_mb": last.get("worker_max_rss_mb")}
+
+
+def run_library_8b() -> dict:
+    """The same 8B merge with ``coremerge merge`` in one process."""
+    spec = yaml.safe_load((JOBS / "8b.yaml").read_text())["merges"][0]
+    out = HERE / ".cache" / "jobs" / "out-8b-library"
+    cmd = ["coremerge", "merge", *spec["adapters"], "--out", str(out), "--method", spec["method"],
+           "--alpha", str(spec["alpha"]), "--force"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"coremerge merge exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    timings = json.loads((out / "merge_report.json").read_text())["timings_s"]
+    return {"job": "8b-library", "wall_s": round(wall, 2), "timings_s": timings}
+
+
+def record(result: dict) -> dict:
+    result = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    with LOG.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(float(r[key]) for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="*", default=["8b", "batch", "sweep", "70b"])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    rows: list[str] = []
+    for which in args.which:
+        if which == "8b":  # alternate the two so that drift hits both alike
+            pipe, lib = [], []
+            for _ in range(args.runs):
+                pipe.append(record(run_job("8b")))
+                lib.append(record(run_library_8b()))
+            p, w, lw = median(pipe, "elapsed_s"), median(pipe, "wall_s"), median(lib, "wall_s")
+            rows.append(f"| 8B tsv, 8 adapters | pipeline {p:.1f} s after Ray start ({w:.1f} s whole process) "
+                        f"vs library {lw:.1f} s | **{p / lw:.2f}x** (target <= 1.5x) |")
+        elif which == "batch":
+            w1, w2 = [], []
+            for _ in range(args.runs):
+                w1.append(record(run_job("batch16-w1")))
+                w2.append(record(run_job("batch16-w2")))
+            t1, t2 = median(w1, "elapsed_s"), median(w2, "elapsed_s")
+            rows.append(f"| 16 merges of 4 x 1B | 1 worker {t1:.1f} s ({16 / t1:.3f} merges/s), 2 workers {t2:.1f} s "
+                        f"({16 / t2:.3f} merges/s) | **{t1 / t2:.2f}x** (target >= 1.7x) |")
+        elif which == "sweep":
+            sw, sep = [], []
+            for _ in range(args.runs):
+                sw.append(record(run_job("sweep16")))
+                sep.append(record(run_job("separate16")))
+            a, b = median(sw, "elapsed_s"), median(sep, "elapsed_s")
+            rows.append(f"| sweep of 16 vs 16 unshared merges (1B) | sweep {a:.1f} s vs separate {b:.1f} s "
+                        f"| **{b / a:.2f}x** (target >= 3x) |")
+        elif which == "70b":
+            runs = [record(run_job("70b")) for _ in range(max(1, args.runs // 3))]
+            d, wk = max(r["driver_max_rss_mb"] for r in runs), max(r["worker_max_rss_mb"] for r in runs)
+            rows.append(f"| 70B ta, 4 adapters r=16, peak RSS | driver {d:.0f} MB, worker {wk:.0f} MB "
+                        f"({median(runs, 'elapsed_s'):.0f} s) | target driver < 1024 MB, worker < 2048 MB |")
+        else:
+            raise SystemExit(f"unknown benchmark {which!r}; expected 8b, batch, sweep or 70b")
+    print("\n| benchmark | medians | ratio |\n|---|---|---|\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
