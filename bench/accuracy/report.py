@@ -38,6 +38,14 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds:.3f}" if seconds < 10 else f"{seconds:.1f}"
 
 
+def _timing_note(res: Mapping[str, Mapping]) -> str:
+    notes = {r.get("merge_s_note") for r in res.values()}
+    if notes and None not in notes:
+        return "the " + "; ".join(sorted(notes)) + " (`--retime N` takes them again on a quiet machine)."
+    return ("the faster of the two merges each pair ran during the benchmark (α = 1, then the chosen α); they share "
+            "the CPU with whatever else runs (`--retime N` takes them again, N runs each, on a quiet machine).")
+
+
 def _noise_note(lo: float, hi: float, n: int) -> str:
     if lo <= 0 <= hi:
         return (f" Why: the interval contains 0, so with {n} test examples per task this run cannot tell the two "
@@ -152,9 +160,9 @@ def markdown(summary: Mapping, png_name: str) -> str:
         cmd,
         "```",
         "",
-        f"Machine: {summary['machine']}; the cores were shared with other people's test runs while this ran "
-        "(Linux CPU pressure 'some' at 30-98%), so times vary by a factor of two or more from one minute to the next."
-        + (f" Evaluation ran at {rate:.0f} prompt tokens/s on average." if rate else ""),
+        f"Machine: {summary['machine']}." + (f" Evaluation ran at {rate:.0f} prompt tokens/s on average." if rate else "")
+        + " Merge time = `timings_s.merge` of the merge's merge_report.json (the merge itself, not reading or "
+        "writing files): " + _timing_note(res),
         "",
         f"Time from a cold start: {cold_total / 60:.1f} min = set-up (downloads, data, dequantizing the model) "
         f"{setup_s / 60:.1f} + training the {len(tasks)} adapters {train_s / 60:.1f} + references and checks "
