@@ -20,6 +20,7 @@ import torch
 from coremerge.merge import open_all
 from coremerge.peft_io import AdapterSource
 
+from pipeline.assemble import AssemblyWork, run_assembly
 from pipeline.worker import ShardWork, failed_records, run_shard
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,17 @@ class MergeWorker:
     def ping(self) -> bool:
         return True
 
-    def run(self, work: ShardWork) -> list[dict[str, object]]:
+    def run(self, work: ShardWork | AssemblyWork) -> list[dict[str, object]]:
+        """A shard's records, or an assembly's one record (see run_shard and run_assembly)."""
         try:
             sources = self._open(work.adapters)
         except (ValueError, OSError) as err:
-            return failed_records(work, "cannot open the adapters: " + " ".join(str(err).split()))
+            error = "cannot open the adapters: " + " ".join(str(err).split())
+            if isinstance(work, AssemblyWork):
+                return [{"merge": work.merge.name, "status": "failed", "error": error}]
+            return failed_records(work, error)
+        if isinstance(work, AssemblyWork):
+            return run_assembly(work, sources)
         return run_shard(work, sources, device=self.device, hooks=self.hooks)
 
     def _open(self, adapters: tuple[str, ...]) -> list[AdapterSource]:

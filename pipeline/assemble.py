@@ -3,14 +3,20 @@
 ``finish`` is what ``coremerge merge`` calls too, so the adapter directory (tensors, config,
 report) is the one the command writes for the same inputs; only the report's timings differ.
 The modules stay in their shard files until the writer streams them, one at a time, into the
-output: the driver never holds a whole merged adapter (a 70B one is gigabytes).
+output: nobody holds a whole merged adapter (a 70B one is gigabytes).
+
+Assembly runs on a worker (:class:`AssemblyWork`, :func:`run_assembly`) as soon as a merge's last
+shard is recorded, so merges are written side by side and beside the shards still merging; the
+driver only records the result.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coremerge import peft_io
@@ -50,3 +56,32 @@ def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource
     out = finish(output_dir / merge.name, sources, options, merged, out_dtype=parse_dtype(merge.out_dtype),
                  timings=timings, force=True)
     return Path(out), file_sha256(Path(out) / WEIGHTS_NAME)
+
+
+@dataclass(frozen=True)
+class AssemblyWork:
+    """What a worker needs to write one merge's adapter directory: paths, names and manifest rows."""
+
+    output_dir: str
+    merge: MergeSpec
+    rows: tuple[Mapping[str, object], ...]  # the manifest rows of the merge's shards
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.merge.adapter_set
+
+
+def run_assembly(work: AssemblyWork, sources: Sequence[AdapterSource]) -> list[dict[str, object]]:
+    """Assemble ``work.merge``; one record: ``status`` done (with path, sha256, seconds) or failed (one-line error).
+
+    Like :func:`pipeline.worker.run_shard`, it raises nothing for bad input: a missing or changed
+    shard file fails the merge with a message saying to run the job again.
+    """
+    started = time.perf_counter()
+    try:
+        path, sha = assemble(Path(work.output_dir), work.merge, sources, work.rows)
+    except (ValueError, OSError) as err:
+        text = " ".join(str(err).split()) or type(err).__name__
+        return [{"merge": work.merge.name, "status": "failed", "error": f"assembly: {text}"}]
+    return [{"merge": work.merge.name, "status": "done", "path": str(path), "sha256": sha,
+             "seconds": round(time.perf_counter() - started, 3), "worker": f"{socket.gethostname()}:{os.getpid()}"}]

@@ -1,4 +1,4 @@
-"""The driver: validate, plan, schedule shards on merge actors, record, assemble, resume.
+"""The driver: validate, plan, schedule shards and assemblies on merge actors, record, resume.
 
 ``python -m pipeline run job.yaml`` calls :func:`run_job_file`. Without a cluster address
 (``RAY_ADDRESS`` unset, as on a laptop) it starts a local Ray instance for the job and stops
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from coremerge.peft_io import file_sha256
 
-from pipeline.assemble import WEIGHTS_NAME, assemble
+from pipeline.assemble import WEIGHTS_NAME, AssemblyWork, assemble
 from pipeline.config import JobSpec, JobSpecError, Sources, load_job
 from pipeline.manifest import JobBusyError, Key, Manifest, job_lock, read_manifest
 from pipeline.plan import Plan, Task, make_plan, work_of
@@ -160,6 +160,7 @@ class _Run:
         for key in plan.units:
             self.keys_of[key[0]].append(key)
         self.failed: dict[str, str] = {}  # merge -> error
+        self.to_assemble: deque[str] | None = None  # while the workers run: merges to assemble on one
 
     # --- scheduling --------------------------------------------------------------------------
     def schedule(self, tasks: Sequence[Task], todo: set[Key]) -> None:
@@ -177,17 +178,28 @@ class _Run:
                             gpus_per_worker=res.gpus_per_worker, tasks=len(tasks))
         pending: deque[Task] = deque(tasks)
         crashes: dict[tuple[str, str], int] = {}
+        self.to_assemble = deque()  # merges whose shards are all done: assembled on a worker, first in line
         try:
-            while pending or pool.busy():
-                while pending and (index := pool.free()) is not None:
+            while pending or self.to_assemble or pool.busy():
+                while (pending or self.to_assemble) and (index := pool.free()) is not None:
+                    if self.to_assemble:
+                        merge = self.to_assemble.popleft()
+                        work = AssemblyWork(output_dir=str(self.job.output_dir), merge=self.job.merge(merge),
+                                            rows=tuple(dict(self.manifest.rows[k]) for k in self.keys_of[merge]))
+                        pool.submit(index, work, ("assemble", merge))
+                        continue
                     task = pending.popleft()
                     merges = [m for m in task.merges if (m, task.shard) in todo and m not in self.failed]
                     if merges:
-                        pool.submit(index, work_of(self.job, self.plan, task, merges), (task, merges))
+                        pool.submit(index, work_of(self.job, self.plan, task, merges), ("shard", task, merges))
                         self._started(task, merges, +1)
                         self.progress.running += 1
                 for outcome in pool.wait(timeout=1.0):
-                    task, merges = outcome.payload
+                    kind, *what = outcome.payload
+                    if kind == "assemble":
+                        self._assembly_outcome(outcome, what[0], crashes)
+                        continue
+                    task, merges = what
                     self.progress.running -= 1
                     if outcome.records is not None:
                         records = outcome.records
@@ -210,7 +222,28 @@ class _Run:
                 self.progress.tick()
                 self.manifest.save(every=1.0)
         finally:
+            self.to_assemble = None
             pool.close()
+
+    def _assembly_outcome(self, outcome, merge: str, crashes: dict[tuple[str, str], int]) -> None:
+        """Record what became of ``merge``'s assembly on a worker (a crash is retried like a shard's)."""
+        if outcome.records is None:
+            key = ("assemble", merge)
+            if outcome.started:
+                crashes[key] = crashes.get(key, 0) + 1
+                if crashes[key] > self.job.retries:
+                    self.fail(merge, f"assembly: the worker died {crashes[key]} times: {outcome.error[:300]}")
+                    return
+                self.progress.event("retry", merge=merge, assembly=True, crashes=crashes[key],
+                                    error=outcome.error[:300])
+            self.to_assemble.appendleft(merge)
+            return
+        record = outcome.records[0]
+        if record["status"] != "done":
+            self.fail(merge, str(record["error"]))
+            return
+        self._assembled(merge, Path(str(record["path"])), str(record["sha256"]), float(record["seconds"]),
+                        by=str(record["worker"]))
 
     def _started(self, task: Task, merges: Sequence[str], step: int) -> None:
         """Count (+1) or take back (-1) an attempt of ``task`` for ``merges``."""
@@ -252,26 +285,34 @@ class _Run:
         self.progress.event("merge_failed", merge=merge, error=error)
 
     def assemble_if_needed(self, merge: str) -> None:
+        """Count ``merge`` done if an earlier run wrote it intact, else assemble it: on a worker while
+        the workers run (queued first in line), in the driver otherwise (a resumed job whose shards were
+        all done)."""
         rows = [self.manifest.rows[k] for k in self.keys_of[merge]]
-        spec = self.job.merge(merge)
         out = self.job.output_dir / merge / WEIGHTS_NAME
         recorded = rows[0]["output_sha256"] if rows else None
         if recorded and all(r["output_sha256"] == recorded for r in rows) and out.is_file() \
                 and file_sha256(out) == recorded:
             self.progress.merges_done += 1  # written by an earlier run, intact
             return
+        if self.to_assemble is not None:
+            self.to_assemble.append(merge)
+            return
         started = time.perf_counter()
+        spec = self.job.merge(merge)
         try:
             path, sha = assemble(self.job.output_dir, spec, self.sources[spec.adapter_set], rows)
         except (ValueError, OSError) as err:
             self.fail(merge, f"assembly: {_one_line(err)}")
             return
+        self._assembled(merge, path, sha, time.perf_counter() - started)
+
+    def _assembled(self, merge: str, path: Path, sha: str, seconds: float, by: str = "driver") -> None:
         for key in self.keys_of[merge]:
             self.manifest.update(key, output_sha256=sha)
         self.manifest.save()
         self.progress.merges_done += 1
-        self.progress.event("merge_written", merge=merge, path=str(path),
-                            seconds=round(time.perf_counter() - started, 3))
+        self.progress.event("merge_written", merge=merge, path=str(path), seconds=round(seconds, 3), by=by)
 
     def worker_max_rss(self) -> float | None:
         values = [float(r["max_rss_mb"]) for r in self.manifest.rows.values() if r.get("max_rss_mb") is not None]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -75,6 +76,9 @@ def test_pipeline_equals_coremerge_merge(tmp_path, adapters, one_thread, capsys,
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "finished" and "progress" in kinds
     assert kinds.count("merge_written") == 5
+    # every merge was assembled on a worker (a Ray actor process), not in this driver
+    assembled_by = {e["by"] for e in events if e["event"] == "merge_written"}
+    assert assembled_by <= {r["worker"] for r in table.values()} and f":{os.getpid()}" not in str(assembled_by)
     assert max(e["running"] for e in events if e["event"] == "progress") <= 2 * 2  # workers x max_in_flight
     assert events[-1]["done"] == events[-1]["total"] == 15 and events[-1]["failed_merges"] == []
     assert events[-1]["driver_max_rss_mb"] > 50 and events[-1]["worker_max_rss_mb"] > 50

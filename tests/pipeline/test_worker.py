@@ -113,3 +113,28 @@ def test_the_unit_of_work_needs_no_ray():
             "print(sorted(m for m in ('ray', 'pyarrow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_assembly_on_a_worker_equals_the_library_and_refuses_a_changed_shard(tmp_path, adapters, one_thread):
+    from pipeline.assemble import AssemblyWork, run_assembly
+    from pipeline_helpers import assert_same_adapter, reference_merge
+
+    job, sources, plan = planned(tmp_path)
+    spec = job.merge("tsv")
+    rows = []
+    for task in plan.tasks:
+        if "tsv" in task.merges:
+            [record] = run_shard(work_of(job, plan, task, ["tsv"]), sources[task.adapters])
+            rows.append({**record, "path": str(plan.units[("tsv", task.shard)].path)})
+    work = AssemblyWork(output_dir=str(job.output_dir), merge=spec, rows=tuple(rows))
+    [done] = run_assembly(work, sources[spec.adapter_set])
+    assert done["status"] == "done" and done["path"] == str(job.output_dir / "tsv")
+    assert_same_adapter(job.output_dir / "tsv", reference_merge(spec, tmp_path / "ref"))
+    written = (job.output_dir / "tsv" / "adapter_model.safetensors").read_bytes()
+
+    shard = job.output_dir / rows[1]["path"]
+    shard.write_bytes(shard.read_bytes() + b"\0")  # changed after the manifest recorded it
+    [failed] = run_assembly(work, sources[spec.adapter_set])
+    assert failed["status"] == "failed" and "\n" not in failed["error"]
+    assert str(shard) in failed["error"] and "run the job again" in failed["error"]
+    assert (job.output_dir / "tsv" / "adapter_model.safetensors").read_bytes() == written  # left as it was
