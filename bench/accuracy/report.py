@@ -38,6 +38,24 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds:.3f}" if seconds < 10 else f"{seconds:.1f}"
 
 
+BUDGET_MIN = 60.0
+
+
+def _budget_line(cold: Mapping[str, float], cold_total: float, setup_s: float, train_s: float, check_ref_s: float,
+                 merge_eval_s: float, num_tasks: int) -> str:
+    parts = (f"set-up (downloads, data, dequantizing the model) {setup_s / 60:.1f} + training the {num_tasks} "
+             f"adapters {train_s / 60:.1f} + references and checks {check_ref_s / 60:.1f} + merges and their "
+             f"evaluation {merge_eval_s / 60:.1f} min")
+    whole = cold.get("whole run from an empty cache")
+    if whole is not None:
+        verdict = "holds" if whole / 60 < BUDGET_MIN else "missed"
+        return (f"**Time from a cold start (measured: this cache was filled by one run that started empty): "
+                f"{whole / 60:.1f} min; the budget of {BUDGET_MIN:.0f} min {verdict}.** Its stages: {parts}.")
+    return (f"Time from a cold start: not measured in one run (the cache was filled by several); the stage "
+            f"times recorded when each stage ran add up to {cold_total / 60:.1f} min: {parts}. Stages cached "
+            "before their time was recorded count as 0, so this is a lower bound.")
+
+
 def _timing_note(res: Mapping[str, Mapping]) -> str:
     notes = {r.get("merge_s_note") for r in res.values()}
     if notes and None not in notes:
@@ -164,11 +182,7 @@ def markdown(summary: Mapping, png_name: str) -> str:
         + " Merge time = `timings_s.merge` of the merge's merge_report.json (the merge itself, not reading or "
         "writing files): " + _timing_note(res),
         "",
-        f"Time from a cold start: {cold_total / 60:.1f} min = set-up (downloads, data, dequantizing the model) "
-        f"{setup_s / 60:.1f} + training the {len(tasks)} adapters {train_s / 60:.1f} + references and checks "
-        f"{check_ref_s / 60:.1f} + merges and their evaluation {merge_eval_s / 60:.1f}. (Stages a run finds in "
-        "the cache take no time; their cold-start times are recorded in the cache when they run. Every stage of "
-        "the last run: see the end.)",
+        _budget_line(cold, cold_total, setup_s, train_s, check_ref_s, merge_eval_s, len(tasks)),
         "",
         f"Protocol of this run: test = the first {s['test_per_task']} examples of each task's 400-example test split, "
         f"validation = the first {s['val_per_task']} of its 200-example validation split (both class-balanced); "
