@@ -556,6 +556,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=256)
+def _sha256_of_version(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return file_sha256(Path(path))
+
+
+def input_sha256(path: Path) -> str:
+    """:func:`file_sha256` of an input adapter's file, computed once per version of the file in a process.
+
+    A version is the file's size, modification time and inode (what build tools trust too): a
+    sweep's 16 merge reports hash their 4 input files once, not 16 times. Shard files, whose
+    hashes guard a resume, are always hashed afresh with :func:`file_sha256`.
+    """
+    st = os.stat(path)
+    return _sha256_of_version(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 # ----------------------------------------------------------------------------------------------- writing
 def _module_pattern(module: str) -> str:
     """A rank_pattern key that matches exactly this module under :func:`pattern_key` and nothing else."""
@@ -646,7 +662,7 @@ def _module_tensors(module: str, lr: LowRank, dtype: torch.dtype) -> dict[str, T
     out = {}
     for part, t in (("lora_A", a), ("lora_B", b)):
         t = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):  # in the written dtype: a float16 cast can overflow
             raise ValueError(f"module {module!r}: merged {part} has NaN or Inf in {dtype}")
         out[part] = t
     return out

@@ -544,3 +544,25 @@ def test_config_falls_back_to_module_list_and_agrees_only_on_common_fields(root,
     assert config["target_modules"] == modules  # layers_to_transform: the exact module list
     assert config["task_type"] is None and config["fan_in_fan_out"] is False and config["peft_type"] == "LORA"
     assert adapter_config_for(sources[1:], {Q0: 2})["task_type"] == "CAUSAL_LM"
+
+
+def test_input_sha256_is_the_files_hash_and_follows_a_rewrite(tmp_path):
+    from coremerge.peft_io import input_sha256
+
+    f = tmp_path / "adapter_model.safetensors"
+    f.write_bytes(b"first version")
+    assert input_sha256(f) == hashlib.sha256(b"first version").hexdigest()
+    assert input_sha256(f) == hashlib.sha256(b"first version").hexdigest()  # from the cache
+    f.write_bytes(b"the second, longer version")  # a new size and mtime: hashed again
+    assert input_sha256(f) == hashlib.sha256(b"the second, longer version").hexdigest()
+
+
+def test_float16_overflow_is_refused_and_nothing_written(plain, tmp_path):
+    src = open_adapter(plain)
+    merged = random_merged(src, [2] * 10, seed=11)
+    first = next(iter(merged))
+    merged[first] = LowRank(a=merged[first].a, b=merged[first].b * 1e6)  # finite in float32, inf in float16
+    config = adapter_config_for([src], {m: 2 for m in merged})
+    with pytest.raises(ValueError, match=f"{first}.*NaN or Inf in torch.float16"):
+        write_adapter(tmp_path / "out", merged, config=config, report=None, dtype=torch.float16)
+    assert list(tmp_path.iterdir()) == []
