@@ -251,7 +251,7 @@ def plot(summary: Mapping, png_path: Path) -> None:
     res = summary["results"]
     methods = list(dict.fromkeys(r["method"] for r in res.values()))
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
-    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=130)
+    fig, ax = plt.subplots(figsize=(9, 5.2), dpi=130)
     for m in methods:  # a thin line from each method's core-space point to its other spaces
         core = res.get(f"{m}/core")
         for space in ("full", "knots"):
@@ -278,7 +278,7 @@ def plot(summary: Mapping, png_path: Path) -> None:
     for space, marker in SPACE_MARKERS.items():
         if any(r["space"] == space for r in res.values()):
             ax.scatter([], [], marker=marker, color="white", edgecolor="black", label=f"{space} space")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8)  # outside: never over a point
     ax.grid(True, which="both", alpha=0.25)
     fig.tight_layout()
     tmp = png_path.with_name(png_path.stem + ".tmp.png")
