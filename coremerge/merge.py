@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from coremerge import methods, peft_io
 from coremerge.spaces import CoreSpace, check_space, merge_module, module_generator
@@ -103,10 +104,13 @@ def build_core_space(sources: Sequence[peft_io.AdapterSource], module: str, *,
 
 
 def merge_module_of(sources: Sequence[peft_io.AdapterSource], module: str, options: MergeOptions, *,
-                    core_space: CoreSpace | None = None) -> LowRank:
+                    core_space: CoreSpace | None = None, cores: dict[tuple, Tensor | None] | None = None) -> LowRank:
     """Merge one module of the adapters; ``options`` must come from :meth:`MergeOptions.checked`.
 
-    A ``core_space`` built earlier for the same adapters and module (a sweep) is reused.
+    A sweep passes what it shares between its merges of this module: ``core_space``, built
+    once for the same adapters (the reference bases and core matrices), and ``cores``, a dict
+    it keeps for this module, where each merged core matrix is stored at alpha = 1 and reused
+    by every merge that differs only in alpha (the result is bit for bit the same).
     The result stays on ``options.device`` in the compute dtype.
     """
     present = present_in(sources, module)
@@ -116,8 +120,15 @@ def merge_module_of(sources: Sequence[peft_io.AdapterSource], module: str, optio
     if options.space == "core":
         space = core_space or build_core_space(sources, module, compute_dtype=options.compute_dtype,
                                                device=options.device)
-        return space.merge(options.method, weights=weights, alpha=options.alpha, params=options.params,
-                           generator=generator, rank=options.rank)
+        key = (options.method, tuple(weights), tuple(sorted(options.params.items())),
+               options.seed if method.random else None)
+        if cores is not None and key in cores:
+            core = cores[key]
+        else:
+            core = space.merge_core(options.method, weights=weights, params=options.params, generator=generator)
+            if cores is not None:
+                cores[key] = core
+        return space.lowrank(core, alpha=options.alpha, rank=options.rank)
     factors = [peft_io.load_factors(sources[i], module, dtype=options.compute_dtype, device=options.device)
                for i in present]
     return merge_module(factors, method=options.method, space=options.space, weights=weights,

@@ -23,6 +23,7 @@ from torch import Tensor
 from coremerge import methods
 from coremerge.basis import Basis, reference_basis
 from coremerge.linalg import factor_between, factor_dense, thin_svd
+from coremerge.methods._common import check_finite
 from coremerge.project import project
 from coremerge.reconstruct import to_lowrank
 from coremerge.types import LoraFactors, LowRank
@@ -75,12 +76,29 @@ class CoreSpace:
     def merge(self, method: str, *, weights: Sequence[float], alpha: float = 1.0,
               params: Mapping[str, object] | None = None, generator: torch.Generator | None = None,
               rank: int | None = None) -> LowRank:
+        core = self.merge_core(method, weights=weights, params=params, generator=generator)
+        return self.lowrank(core, alpha=alpha, rank=rank)
+
+    def merge_core(self, method: str, *, weights: Sequence[float], params: Mapping[str, object] | None = None,
+                   generator: torch.Generator | None = None) -> Tensor | None:
+        """The merged (ku, kv) core matrix at alpha = 1; None where every adapter's update is zero.
+
+        Every method scales its result by alpha as its last step, so :meth:`lowrank` of this
+        core at any alpha is, bit for bit, :meth:`merge` at that alpha: a sweep over alpha
+        runs the method once.
+        """
         tasks = _weighted(self.cores, weights)  # (T, ku, kv)
         if 0 in tasks.shape[1:]:  # every adapter's update is exactly zero here
+            return None
+        return methods.apply(method, tasks, alpha=1.0, params=params, task_ranks=self.ranks,
+                             generator=generator)  # (ku, kv)
+
+    def lowrank(self, core: Tensor | None, *, alpha: float = 1.0, rank: int | None = None) -> LowRank:
+        """LoRA factors (scale 1) of U · (alpha core) · V, from :meth:`merge_core`'s core."""
+        alpha = check_finite(alpha, "alpha")
+        if core is None:
             return _zero_module(self.basis.u.shape[0], self.basis.v.shape[1], self.cores, rank)
-        merged = methods.apply(method, tasks, alpha=alpha, params=params, task_ranks=self.ranks,
-                               generator=generator)  # (ku, kv)
-        return to_lowrank(self.basis, merged, rank=rank)
+        return to_lowrank(self.basis, alpha * core, rank=rank)
 
 
 def merge_module(factors: Sequence[LoraFactors], *, method: str, space: str = "core",

@@ -1,7 +1,8 @@
 """The unit of work, without Ray: merge one shard of one adapter set for several merges.
 
 :func:`run_shard` reads the shard's modules straight from the adapters' safetensors files,
-builds each module's core space once, runs every merge on it, and writes one shard file
+builds each module's core space once, runs every merge on it (merges that differ only in
+alpha run their method once: each method scales by alpha last), and writes one shard file
 per merge (temp file, then rename). It returns small records (no tensors) for the driver.
 The actor in :mod:`pipeline.actors` is a thin wrapper around it.
 
@@ -89,12 +90,13 @@ def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str 
             errors.update((t.merge, _message(module, err)) for t in live)
             continue
         shared = (time.perf_counter() - t0) / len(live)
+        cores: dict[tuple, torch.Tensor | None] = {}  # merged cores at alpha 1, shared across alphas
         for target in live:
             t1 = time.perf_counter()
             try:
                 options = replace(target.options, device=device)
                 space = core_space if options.space == "core" else None
-                result = merge_module_of(sources, module, options, core_space=space)
+                result = merge_module_of(sources, module, options, core_space=space, cores=cores)
                 result = result.to(dtype=parse_dtype(target.out_dtype), device="cpu")
                 _check_finite(result, module)
                 merged[target.merge][module] = result

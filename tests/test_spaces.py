@@ -88,6 +88,25 @@ def test_inputs_and_cached_cores_are_never_mutated():
         assert torch.equal(f.a, a) and torch.equal(f.b, b)
 
 
+@pytest.mark.parametrize("method", list(methods.METHODS))
+@pytest.mark.parametrize("rank", [None, 4])
+def test_a_core_merged_once_serves_every_alpha_bit_for_bit(method, rank):
+    # What a sweep over alpha does: merge_core once, lowrank at each alpha; the same bits as merge.
+    fs = random_factors([3, 5, 2], dtype=torch.float32)
+    space = CoreSpace.build(fs)
+    core = space.merge_core(method, weights=[1.0, 0.5, 2.0], generator=module_generator(4, "m"))
+    for alpha in (0.3, 1.0, 1.7):
+        want = space.merge(method, weights=[1.0, 0.5, 2.0], alpha=alpha, generator=module_generator(4, "m"),
+                           rank=rank)
+        got = space.lowrank(core, alpha=alpha, rank=rank)
+        assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b) and got.energy_kept == want.energy_kept
+    zero = CoreSpace.build([LoraFactors(a=torch.randn(2, 20), b=torch.zeros(24, 2))])
+    assert zero.merge_core(method, weights=[1.0], generator=module_generator(4, "m")) is None
+    assert torch.count_nonzero(zero.lowrank(None, alpha=0.5).delta()) == 0
+    with pytest.raises(ValueError, match="alpha"):
+        space.lowrank(core, alpha=float("nan"))
+
+
 def test_dare_repeated_merges_do_not_compound():
     # The published code rescales cached cores in place, so a second merge differs; ours must not.
     fs = random_factors([3, 3])

@@ -80,6 +80,35 @@ def test_bases_built_once_per_module_for_a_sweep(tmp_path, adapters, monkeypatch
     assert built == list(task.modules)  # once per module, for the 3 core-space merges together
 
 
+def test_a_sweep_over_alpha_runs_each_method_once_per_module(tmp_path, adapters, monkeypatch):
+    from coremerge.spaces import CoreSpace
+
+    job, sources = load_job(write_job(tmp_path / "job.yaml", """
+output_dir: out
+sweeps:
+  - name: s
+    adapters: [adapters/snli, adapters/mnli, {path: adapters/rte, weight: 0.5}]
+    method: [dare, tsv]
+    alpha: [0.3, 0.9, 1.4]
+    rank: [null, 3]
+"""))
+    plan = make_plan(job, sources)
+    task = task_of(plan, "layer-001", 12)
+    calls = []
+    original = CoreSpace.merge_core
+    monkeypatch.setattr(CoreSpace, "merge_core", lambda self, method, **kw: calls.append(method) or original(self, method, **kw))
+    srcs = sources[task.adapters]
+    records = run_shard(work_of(job, plan, task, task.merges), srcs)
+    assert {r["status"] for r in records} == {"done"}
+    assert sorted(calls) == sorted(["dare", "tsv"] * len(task.modules))  # not once per alpha or rank
+    monkeypatch.setattr(CoreSpace, "merge_core", original)
+    for record in records:  # and each member is, bit for bit, the library's merge at its own alpha and rank
+        spec = job.merge(record["merge"])
+        for module, got in read_shard(job.output_dir / plan.units[(spec.name, task.shard)].path).items():
+            want = merge_module_of(srcs, module, spec.options).to(dtype=parse_dtype(spec.out_dtype), device="cpu")
+            assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b), (spec.name, module)
+
+
 def test_rerun_writes_identical_bytes(tmp_path, adapters):
     job, sources, plan = planned(tmp_path)
     task = task_of(plan, "layer-002", 4)
