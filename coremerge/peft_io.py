@@ -468,7 +468,8 @@ def _tensor_reader(src: AdapterSource) -> Iterator[Callable[..., Tensor]]:
         yield get_st
 
 
-def _all_finite(t: Tensor) -> bool:
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite (exact, for any float dtype)."""
     # A finite sum means no element is NaN or ±Inf (both propagate), and summing is 6-15x faster
     # than isfinite(t).all() on a CPU (float32 accumulation: 5-8x faster again than float64 for
     # bf16/f16). A non-finite sum (NaN/Inf, or finite values whose sum overflows) gets the exact check.
@@ -494,7 +495,7 @@ def load_factors(src: AdapterSource, module: str, *, dtype: torch.dtype = torch.
 
     def finite(t: Tensor, key: str) -> Tensor:
         t = t.to(device=device, dtype=dtype, copy=copy)
-        if not _all_finite(t):
+        if not all_finite(t):
             raise AdapterError(f"adapter {src.name!r}: module {module!r}: tensor {key!r} contains NaN or Inf")
         return t
 
@@ -509,7 +510,7 @@ def load_factors(src: AdapterSource, module: str, *, dtype: torch.dtype = torch.
             vera_b = finite(get(VERA_B_KEY, spec.out_features), VERA_B_KEY)  # (m, r)
             a = lambda_d[:, None] * vera_a  # (r, n)
             b = lambda_b[:, None] * vera_b  # (m, r)
-    if not _all_finite(b):
+    if not all_finite(b):
         raise AdapterError(f"adapter {src.name!r}: module {module!r}: {spec.b_key!r} times scale {spec.scale} "
                            f"overflows {dtype}")
     return LoraFactors(a=a, b=b)
@@ -664,7 +665,7 @@ def _module_tensors(module: str, lr: LowRank, dtype: torch.dtype) -> dict[str, T
     out = {}
     for part, t in (("lora_A", a), ("lora_B", b)):
         t = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
-        if not _all_finite(t):  # in the written dtype: a float16 cast can overflow
+        if not all_finite(t):  # in the written dtype: a float16 cast can overflow
             raise ValueError(f"module {module!r}: merged {part} has NaN or Inf in {dtype}")
         out[part] = t
     return out

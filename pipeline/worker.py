@@ -17,6 +17,7 @@ Test hooks (used by tests/pipeline only; never set them in production):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -28,10 +29,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
-from coremerge.peft_io import AdapterSource, file_sha256
+from coremerge.peft_io import AdapterSource, all_finite
 from coremerge.types import LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
@@ -133,7 +134,13 @@ def failed_records(work: ShardWork, error: str) -> list[dict[str, object]]:
 
 
 def write_shard(path: str | Path, merged: Mapping[str, LowRank], *, meta: Mapping[str, object]) -> tuple[str, int]:
-    """Write a shard file atomically (temp file, fsync, rename); returns (sha256, size)."""
+    """Write a shard file atomically (temp file, then rename); returns (sha256, size).
+
+    The bytes are hashed in memory as they are written (no second read). The file is not
+    fsynced: a shard is a checkpoint that every reader checks against this sha256 first (resume,
+    assembly), so one that a power cut left short or empty is found and merged again, and a
+    sweep does not wait on the disk for each of its hundreds of files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -142,16 +149,15 @@ def write_shard(path: str | Path, merged: Mapping[str, LowRank], *, meta: Mappin
         tensors[f"{module}.b"] = lowrank.b.contiguous()  # (m, q)
     energy = {module: lowrank.energy_kept for module, lowrank in merged.items()}
     header = json.dumps({**meta, "modules": list(merged), "energy_kept": energy}, sort_keys=True)
+    data = save(tensors, metadata={META_KEY: header})  # the bytes save_file writes
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata={META_KEY: header})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        sha, size = file_sha256(tmp), tmp.stat().st_size
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return sha, size
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 def read_shard(path: str | Path) -> dict[str, LowRank]:
@@ -190,7 +196,7 @@ def stored_modules(path: str | Path) -> dict[str, StoredLowRank]:
 
 
 def _check_finite(result: LowRank, module: str) -> None:
-    if not (torch.isfinite(result.a).all() and torch.isfinite(result.b).all()):
+    if not (all_finite(result.a) and all_finite(result.b)):
         raise ValueError(f"the merge produced NaN or Inf values (check the adapters' tensors of {module})")
 
 

@@ -570,15 +570,15 @@ def test_float16_overflow_is_refused_and_nothing_written(plain, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_finite_check_is_exact(dtype):
-    from coremerge.peft_io import _all_finite
+    from coremerge.peft_io import all_finite
 
     big = torch.finfo(dtype).max
-    assert _all_finite(torch.full((4, 3), big, dtype=dtype))  # finite, though their sum overflows
-    assert _all_finite(torch.tensor([[big, -big]], dtype=dtype))
+    assert all_finite(torch.full((4, 3), big, dtype=dtype))  # finite, though their sum overflows
+    assert all_finite(torch.tensor([[big, -big]], dtype=dtype))
     for bad in (float("nan"), float("inf"), float("-inf")):
         t = torch.zeros(5, 7, dtype=dtype)
         t[3, 2] = bad
-        assert not _all_finite(t)
+        assert not all_finite(t)
     t = torch.zeros(2, 2, dtype=dtype)
     t[0, 0], t[1, 1] = float("inf"), float("-inf")  # inf - inf: a NaN sum, still not finite
-    assert not _all_finite(t)
+    assert not all_finite(t)

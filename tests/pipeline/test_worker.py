@@ -8,6 +8,7 @@ import torch
 
 import pipeline.worker as worker
 from coremerge.merge import merge_module_of, parse_dtype
+from coremerge.peft_io import file_sha256
 from pipeline.config import load_job
 from pipeline.plan import make_plan, work_of
 from pipeline.worker import read_shard, run_shard
@@ -59,7 +60,7 @@ def test_shard_equals_library_merge(tmp_path, adapters):
         assert record["status"] == "done", record["error"]
         spec = job.merge(record["merge"])
         path = job.output_dir / plan.units[(spec.name, task.shard)].path
-        assert worker.file_sha256(path) == record["sha256"] and path.stat().st_size == record["bytes"]
+        assert file_sha256(path) == record["sha256"] and path.stat().st_size == record["bytes"]
         assert record["max_rss_mb"] > 0 and record["device"] == "cpu"
         shard = read_shard(path)
         assert list(shard) == list(task.modules)
