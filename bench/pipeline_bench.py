@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -39,11 +40,17 @@ JOBS = HERE / ".cache" / "jobs"
 LOG = HERE / ".cache" / "pipeline_bench.jsonl"
 
 
+def settle() -> None:
+    """Flush what earlier runs left dirty in the page cache, so that no run pays for another's writes."""
+    os.sync()
+
+
 def run_job(name: str) -> dict:
     """One fresh run of jobs/<name>.yaml; its last progress line plus the process's wall time."""
     job = JOBS / f"{name}.yaml"
     out = Path(yaml.safe_load(job.read_text())["output_dir"])
     shutil.rmtree(out, ignore_errors=True)
+    settle()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(job)], capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -63,6 +70,8 @@ def run_library_8b() -> dict:
     out = HERE / ".cache" / "jobs" / "out-8b-library"
     cmd = ["coremerge", "merge", *spec["adapters"], "--out", str(out), "--method", spec["method"],
            "--alpha", str(spec["alpha"]), "--force"]
+    shutil.rmtree(out, ignore_errors=True)
+    settle()
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -77,6 +86,8 @@ def run_separate_commands() -> dict:
     without the pipeline runs); nothing is shared between them."""
     sweep = yaml.safe_load((JOBS / "sweep16.yaml").read_text())["sweeps"][0]
     out = HERE / ".cache" / "jobs" / "out-separate-cli"
+    shutil.rmtree(out, ignore_errors=True)
+    settle()
     start = time.perf_counter()
     for method in sweep["method"]:
         for alpha in sweep["alpha"]:

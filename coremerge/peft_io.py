@@ -568,8 +568,7 @@ def input_sha256(path: Path) -> str:
     """:func:`file_sha256` of an input adapter's file, computed once per version of the file in a process.
 
     A version is the file's size, modification time and inode (what build tools trust too): a
-    sweep's 16 merge reports hash their 4 input files once, not 16 times. Shard files, whose
-    hashes guard a resume, are always hashed afresh with :func:`file_sha256`.
+    sweep's 16 merge reports hash their 4 input files once, not 16 times.
     """
     st = os.stat(path)
     return _sha256_of_version(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)

@@ -25,7 +25,7 @@ from coremerge.peft_io import AdapterSource, file_sha256
 from coremerge.types import StoredLowRank
 
 from pipeline.config import MergeSpec
-from pipeline.worker import stored_modules
+from pipeline.worker import shard_sha256, stored_modules
 
 WEIGHTS_NAME = peft_io.SAFETENSORS_NAME
 
@@ -41,7 +41,7 @@ def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource
     merged: dict[str, StoredLowRank] = {}
     for row in rows:
         path = output_dir / str(row["path"])
-        if not path.is_file() or file_sha256(path) != row["sha256"]:
+        if not path.is_file() or shard_sha256(path) != row["sha256"]:
             raise ValueError(f"shard file {path} is missing or changed since it was written; "
                              f"run the job again to redo shard {row['shard']}")
         merged.update(stored_modules(path))

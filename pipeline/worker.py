@@ -23,6 +23,7 @@ import os
 import resource
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
-from coremerge.peft_io import AdapterSource, all_finite
+from coremerge.peft_io import AdapterSource, all_finite, file_sha256
 from coremerge.types import LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
@@ -150,6 +151,7 @@ def write_shard(path: str | Path, merged: Mapping[str, LowRank], *, meta: Mappin
     energy = {module: lowrank.energy_kept for module, lowrank in merged.items()}
     header = json.dumps({**meta, "modules": list(merged), "energy_kept": energy}, sort_keys=True)
     data = save(tensors, metadata={META_KEY: header})  # the bytes save_file writes
+    sha = hashlib.sha256(data).hexdigest()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -157,7 +159,38 @@ def write_shard(path: str | Path, merged: Mapping[str, LowRank], *, meta: Mappin
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return hashlib.sha256(data).hexdigest(), len(data)
+    _remember(path, sha)
+    return sha, len(data)
+
+
+_WRITTEN: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()  # path -> (version, sha256)
+_WRITTEN_MAX = 65536  # ~10 MB of entries: a 70B sweep's shards
+
+
+def _version(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _remember(path: Path, sha: str) -> None:
+    _WRITTEN[str(path.resolve())] = (_version(path), sha)
+    _WRITTEN.move_to_end(str(path.resolve()))
+    while len(_WRITTEN) > _WRITTEN_MAX:
+        _WRITTEN.popitem(last=False)
+
+
+def shard_sha256(path: str | Path) -> str:
+    """The sha256 of a shard file; raises OSError if it is missing.
+
+    For a file this process wrote and that is unchanged since (same size, modification time and
+    inode, what build tools trust), the hash taken as it was written; any other file is read and
+    hashed. Assembly on the worker that merged the shards so skips reading them twice.
+    """
+    path = Path(path)
+    seen = _WRITTEN.get(str(path.resolve()))
+    if seen is not None and seen[0] == _version(path):
+        return seen[1]
+    return file_sha256(path)
 
 
 def read_shard(path: str | Path) -> dict[str, LowRank]:

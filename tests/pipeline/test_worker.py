@@ -4,11 +4,15 @@ only its own merges."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 import pipeline.worker as worker
 from coremerge.merge import merge_module_of, parse_dtype
 from coremerge.peft_io import file_sha256
+from coremerge.types import LowRank
 from pipeline.config import load_job
 from pipeline.plan import make_plan, work_of
 from pipeline.worker import read_shard, run_shard
@@ -168,3 +172,21 @@ def test_assembly_on_a_worker_equals_the_library_and_refuses_a_changed_shard(tmp
     assert failed["status"] == "failed" and "\n" not in failed["error"]
     assert str(shard) in failed["error"] and "run the job again" in failed["error"]
     assert (job.output_dir / "tsv" / "adapter_model.safetensors").read_bytes() == written  # left as it was
+
+
+def test_shard_hash_is_remembered_only_for_unchanged_files_this_process_wrote(tmp_path, monkeypatch):
+    path = tmp_path / "s.safetensors"
+    sha, _ = worker.write_shard(path, {"m": LowRank(a=torch.ones(2, 3), b=torch.ones(4, 2))}, meta={"merge": "x"})
+    assert sha == file_sha256(path)
+    monkeypatch.setattr(worker, "file_sha256", lambda p: pytest.fail("read a file this process just wrote"))
+    assert worker.shard_sha256(path) == sha
+    monkeypatch.undo()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes, another modification time
+    path.write_bytes(bytes(data))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert worker.shard_sha256(path) == file_sha256(path) != sha
+    other = tmp_path / "other.safetensors"  # written by anyone else: always read and hashed
+    other.write_bytes(path.read_bytes())
+    assert worker.shard_sha256(other) == file_sha256(other)
