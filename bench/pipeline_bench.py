@@ -15,8 +15,9 @@ summary (medians) is printed as Markdown rows.
 - batch: 16 merges of 4 Llama-3.2-1B adapters with 1 and with 2 workers; target 2 workers >= 1.7x
          the throughput (merges per second after Ray is up) of 1.
 - sweep: one sweep of 16 (method, alpha) combinations against the same 16 merges with nothing
-         shared, in one job; target >= 3x faster. Also against 16 ``coremerge merge`` commands run
-         one after another (whole processes on both sides).
+         shared, in one job; target >= 3x faster. Two sweeps: the issue's example (ta, ties, tsv,
+         iso_c x alpha 0.3, 0.5, 0.7, 0.9) and one over all 8 methods x alpha 0.5, 1.0. The first
+         also against 16 ``coremerge merge`` commands run one after another (whole processes).
 - 70b:   a Llama-3-70B-shaped 4-adapter ta merge (80 layers, r=16); targets: driver peak RSS
          under 1 GB, worker under 2 GB.
 """
@@ -81,10 +82,10 @@ def run_library_8b() -> dict:
     return {"job": "8b-library", "wall_s": round(wall, 2), "timings_s": timings}
 
 
-def run_separate_commands() -> dict:
+def run_separate_commands(job: str) -> dict:
     """The sweep's 16 merges as 16 ``coremerge merge`` commands, one after another (what a user
     without the pipeline runs); nothing is shared between them."""
-    sweep = yaml.safe_load((JOBS / "sweep16.yaml").read_text())["sweeps"][0]
+    sweep = yaml.safe_load((JOBS / f"{job}.yaml").read_text())["sweeps"][0]
     out = HERE / ".cache" / "jobs" / "out-separate-cli"
     shutil.rmtree(out, ignore_errors=True)
     settle()
@@ -96,7 +97,7 @@ def run_separate_commands() -> dict:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"coremerge merge exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-    return {"job": "separate16-cli", "wall_s": round(time.perf_counter() - start, 2)}
+    return {"job": f"{job}-as-cli-commands", "wall_s": round(time.perf_counter() - start, 2)}
 
 
 def record(result: dict) -> dict:
@@ -135,19 +136,21 @@ def main() -> None:
             t1, t2 = median(w1, "elapsed_s"), median(w2, "elapsed_s")
             rows.append(f"| 16 merges of 4 x 1B | 1 worker {t1:.1f} s ({16 / t1:.3f} merges/s), 2 workers {t2:.1f} s "
                         f"({16 / t2:.3f} merges/s) | **{t1 / t2:.2f}x** (target >= 1.7x) |")
-        elif which == "sweep":
-            sw, sep = [], []
-            for _ in range(args.runs):
-                sw.append(record(run_job("sweep16")))
-                sep.append(record(run_job("separate16")))
-            a, b = median(sw, "elapsed_s"), median(sep, "elapsed_s")
-            rows.append(f"| sweep of 16 vs 16 unshared merges in one job (1B) | sweep {a:.1f} s vs separate {b:.1f} s "
-                        f"| **{b / a:.2f}x** (target >= 3x) |")
-            aw = median(sw, "wall_s")
-            cli = [record(run_separate_commands()) for _ in range(args.runs)]
-            c = median(cli, "wall_s")
-            rows.append(f"| sweep of 16 vs 16 `coremerge merge` commands (1B), whole processes | sweep job {aw:.1f} s "
-                        f"(Ray start included) vs commands {c:.1f} s | **{c / aw:.2f}x** |")
+        elif which == "sweep":  # the issue's example sweep, then one over every method
+            for tag, what in (("-grid", "4 methods x 4 alphas, the issue's example"), ("", "8 methods x 2 alphas")):
+                sw, sep = [], []
+                for _ in range(args.runs):
+                    sw.append(record(run_job(f"sweep16{tag}")))
+                    sep.append(record(run_job(f"separate16{tag}")))
+                a, b = median(sw, "elapsed_s"), median(sep, "elapsed_s")
+                rows.append(f"| sweep of 16 ({what}) vs the 16 merges unshared, in one job (1B) | sweep {a:.1f} s "
+                            f"vs separate {b:.1f} s | **{b / a:.2f}x** (target >= 3x) |")
+                if tag == "-grid":
+                    aw = median(sw, "wall_s")
+                    cli = [record(run_separate_commands(f"sweep16{tag}")) for _ in range(args.runs)]
+                    c = median(cli, "wall_s")
+                    rows.append(f"| sweep of 16 ({what}) vs 16 `coremerge merge` commands (1B), whole processes | "
+                                f"sweep job {aw:.1f} s (Ray start included) vs commands {c:.1f} s | **{c / aw:.2f}x** |")
         elif which == "70b":
             runs = [record(run_job("70b")) for _ in range(max(1, args.runs // 3))]
             d, wk = max(r["driver_max_rss_mb"] for r in runs), max(r["worker_max_rss_mb"] for r in runs)

@@ -4,8 +4,10 @@
 
 - 8b.yaml:          the 8-adapter Llama-3-8B merge (tsv), one merge, through the pipeline.
 - batch16-w1/-w2:   16 merges of 4 Llama-3.2-1B adapters (8 methods x 2 alphas), 1 and 2 workers.
-- sweep16.yaml:     one sweep of 16 (method, alpha) combinations over one adapter set (shared bases).
-- separate16.yaml:  the same 16 merges as 16 separate jobs' worth of work (no sharing: each merge
+- sweep16.yaml:     one sweep of 16 (method, alpha) combinations over one adapter set (shared bases):
+                    the 8 methods x alpha 0.5, 1.0.
+- sweep16-grid.yaml: the issue's example sweep, 4 methods (ta, ties, tsv, iso_c) x 4 alphas (0.3 ... 0.9).
+- separate16*.yaml: the same 16 merges as 16 separate jobs' worth of work (no sharing: each merge
                     names its adapters through a different path, so no bases are shared).
 - 70b.yaml:         a Llama-3-70B-shaped 4-adapter merge (80 layers, r=16), for peak memory.
 """
@@ -18,7 +20,9 @@ from pathlib import Path
 from workloads import CACHE, adapter_set
 
 JOBS = CACHE / "jobs"
-COMBOS = [(m, a) for m in ("ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts", "cart") for a in (0.5, 1.0)]
+ALL_METHODS = ("ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts", "cart")
+COMBOS = [(m, a) for m in ALL_METHODS for a in (0.5, 1.0)]  # every method, two alphas
+GRID = [(m, a) for m in ("ta", "ties", "tsv", "iso_c") for a in (0.3, 0.5, 0.7, 0.9)]  # the issue's example sweep
 
 
 def merge_entry(name: str, adapters: list[Path], method: str, alpha: float) -> str:
@@ -41,23 +45,25 @@ def main() -> None:
     for workers in (1, 2):
         write(f"batch16-w{workers}.yaml", f"output_dir: {JOBS / f'out-batch-w{workers}'}\nworkers: {workers}\n"
                                           f"cpus_per_worker: 1\nmerges:\n{batch}")
-    write("sweep16.yaml", f"output_dir: {JOBS / 'out-sweep'}\nworkers: 1\nsweeps:\n  - name: s\n"
-                          f"    adapters: [{', '.join(map(str, one_b))}]\n"
-                          f"    method: [ta, ties, dare, dare_ties, tsv, iso_c, iso_cts, cart]\n    alpha: [0.5, 1.0]\n")
-    # Separate merges: the same adapters under 16 different symlinked names, so that no two merges
-    # share an adapter set (what 16 independent `coremerge merge` runs would do).
-    links = CACHE / "links"
-    separate = ""
-    for i, (m, a) in enumerate(COMBOS):
-        names = []
-        for j, src in enumerate(one_b):
-            link = links / f"set{i}" / f"adapter-{j}"
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                os.symlink(src, link)
-            names.append(link)
-        separate += merge_entry(f"{m}-a{a}", names, m, a)
-    write("separate16.yaml", f"output_dir: {JOBS / 'out-separate'}\nworkers: 1\nmerges:\n{separate}")
+    for tag, combos in (("", COMBOS), ("-grid", GRID)):
+        methods = list(dict.fromkeys(m for m, _ in combos))
+        alphas = list(dict.fromkeys(a for _, a in combos))
+        write(f"sweep16{tag}.yaml", f"output_dir: {JOBS / f'out-sweep{tag}'}\nworkers: 1\nsweeps:\n  - name: s\n"
+                                    f"    adapters: [{', '.join(map(str, one_b))}]\n"
+                                    f"    method: [{', '.join(methods)}]\n    alpha: [{', '.join(map(str, alphas))}]\n")
+        # Separate merges: the same adapters under 16 different symlinked names, so that no two
+        # merges share an adapter set (what 16 independent `coremerge merge` runs would do).
+        separate = ""
+        for i, (m, a) in enumerate(combos):
+            names = []
+            for j, src in enumerate(one_b):
+                link = CACHE / "links" / f"set{i}" / f"adapter-{j}"
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    os.symlink(src, link)
+                names.append(link)
+            separate += merge_entry(f"{m}-a{a}", names, m, a)
+        write(f"separate16{tag}.yaml", f"output_dir: {JOBS / f'out-separate{tag}'}\nworkers: 1\nmerges:\n{separate}")
     seventy = adapter_set("llama3-70b")
     write("70b.yaml", f"output_dir: {JOBS / 'out-70b'}\nworkers: 1\nmerges:\n" + merge_entry("ta", seventy, "ta", 1.0))
 
