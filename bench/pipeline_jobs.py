@@ -3,7 +3,10 @@
     python bench/pipeline_jobs.py      # writes bench/.cache/jobs/*.yaml (and the adapter sets they use)
 
 - 8b.yaml:          the 8-adapter Llama-3-8B merge (tsv), one merge, through the pipeline.
-- batch16-w1/-w2:   16 merges of 4 Llama-3.2-1B adapters (8 methods x 2 alphas), 1 and 2 workers.
+- batch16-w1/-w2:   16 merges of 4 Llama-3.2-1B adapters (8 methods x 2 alphas), 1 and 2 workers;
+                    one adapter set, so its bases are shared as in a sweep.
+- batch16-sets-w1/-w2: the same 16 merges, each of its own adapter set (the 4 adapters under other
+                    paths, as separate16), so nothing is shared: an overnight batch of adapter sets.
 - sweep16.yaml:     one sweep of 16 (method, alpha) combinations over one adapter set (shared bases):
                     the 8 methods x alpha 0.5, 1.0.
 - sweep16-grid.yaml: the issue's example sweep, 4 methods (ta, ties, tsv, iso_c) x 4 alphas (0.3 ... 0.9).
@@ -64,6 +67,10 @@ def main() -> None:
                 names.append(link)
             separate += merge_entry(f"{m}-a{a}", names, m, a)
         write(f"separate16{tag}.yaml", f"output_dir: {JOBS / f'out-separate{tag}'}\nworkers: 1\nmerges:\n{separate}")
+        if not tag:  # a batch of 16 adapter sets (what an overnight batch is): 1 and 2 workers
+            for workers in (1, 2):
+                write(f"batch16-sets-w{workers}.yaml", f"output_dir: {JOBS / f'out-batch-sets-w{workers}'}\n"
+                                                       f"workers: {workers}\ncpus_per_worker: 1\nmerges:\n{separate}")
     seventy = adapter_set("llama3-70b")
     write("70b.yaml", f"output_dir: {JOBS / 'out-70b'}\nworkers: 1\nmerges:\n" + merge_entry("ta", seventy, "ta", 1.0))
 
