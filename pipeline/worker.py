@@ -109,10 +109,14 @@ def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str 
             spent[target.merge] += shared + time.perf_counter() - t1
         if index == 0:
             _test_hooks(hooks)
-    # The shard files are written two at a time: hashing one overlaps with the kernel taking the
-    # bytes of another (both release the GIL); a sweep writes 16 files per task.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        records = list(pool.map(lambda target: _write_target(target, work, merged, errors, spent), work.targets))
+    def write(target: Target) -> dict[str, object]:
+        return _write_target(target, work, merged, errors, spent)
+
+    if len(work.targets) == 1:
+        records = [write(work.targets[0])]
+    else:  # two at a time: hashing one overlaps the kernel taking another's bytes (both release the GIL)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            records = list(pool.map(write, work.targets))
     usage = _usage(device)
     for record in records:
         record.update(usage, task_seconds=round(time.perf_counter() - started, 6))
