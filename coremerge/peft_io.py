@@ -670,6 +670,26 @@ def _module_tensors(module: str, lr: LowRank, dtype: torch.dtype) -> dict[str, T
     return out
 
 
+def safetensors_header(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, metadata: Mapping[str, str]) -> bytes:
+    """The first bytes of a single-dtype safetensors file, as ``safetensors.torch.save`` writes them.
+
+    An 8-byte little-endian length, then the JSON header (``__metadata__`` first, then each tensor's
+    dtype, shape and data offsets, in sorted name order) padded with spaces to a multiple of 8. The
+    tensors' bytes follow in sorted name order.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in sorted(shapes):
+        size = math.prod(shapes[name]) * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
 def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
                    layout: Mapping[str, tuple[str, str, tuple[int, int]]], dtype: torch.dtype,
                    metadata: Mapping[str, str]) -> None:
@@ -683,20 +703,10 @@ def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
     """
     if sys.byteorder != "little":  # safetensors is little-endian; tensor bytes are written as they lie
         raise OSError("writing safetensors files needs a little-endian machine")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
     names = sorted(layout)
-    for name in names:
-        shape = layout[name][2]
-        size = math.prod(shape) * itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
+    text = safetensors_header({name: layout[name][2] for name in names}, dtype, metadata)
     loaded: tuple[str, dict[str, Tensor]] | None = None  # the module in hand (its A and B are neighbours)
     with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
         f.write(text)
         for name in names:
             module, part, shape = layout[name]

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
-from coremerge.peft_io import AdapterSource, all_finite, file_sha256
+from coremerge.peft_io import AdapterSource, all_finite, file_sha256, safetensors_header
 from coremerge.types import LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
@@ -148,7 +147,7 @@ def failed_records(work: ShardWork, error: str) -> list[dict[str, object]]:
 def write_shard(path: str | Path, merged: Mapping[str, LowRank], *, meta: Mapping[str, object]) -> tuple[str, int]:
     """Write a shard file atomically (temp file, then rename); returns (sha256, size).
 
-    The bytes are hashed in memory as they are written (no second read). The file is not
+    The bytes are hashed as they are written (no second read, no copy of the tensors). The file is not
     fsynced: a shard is a checkpoint that every reader checks against this sha256 first (resume,
     assembly), so one that a power cut left short or empty is found and merged again, and a
     sweep does not wait on the disk for each of its hundreds of files.
@@ -159,19 +158,27 @@ def write_shard(path: str | Path, merged: Mapping[str, LowRank], *, meta: Mappin
     for module, lowrank in merged.items():
         tensors[f"{module}.a"] = lowrank.a.contiguous()  # (q, n)
         tensors[f"{module}.b"] = lowrank.b.contiguous()  # (m, q)
+    dtypes = {t.dtype for t in tensors.values()}
+    assert len(dtypes) == 1, f"a shard holds one dtype, got {dtypes}"
     energy = {module: lowrank.energy_kept for module, lowrank in merged.items()}
     header = json.dumps({**meta, "modules": list(merged), "energy_kept": energy}, sort_keys=True)
-    data = save(tensors, metadata={META_KEY: header})  # the bytes save_file writes
-    sha = hashlib.sha256(data).hexdigest()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # The bytes safetensors' save_file writes (tested), streamed from the tensors' own memory.
+    chunks = [safetensors_header({k: tuple(t.shape) for k, t in tensors.items()}, dtypes.pop(), {META_KEY: header})]
+    chunks += [tensors[name].view(torch.uint8).numpy().data for name in sorted(tensors)]
+    digest, size = hashlib.sha256(), 0
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
+                digest.update(chunk)
+                size += memoryview(chunk).nbytes
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    sha = digest.hexdigest()
     _remember(path, sha)
-    return sha, len(data)
+    return sha, size
 
 
 _WRITTEN: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()  # path -> (version, sha256)

@@ -4,6 +4,7 @@ only its own merges."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -190,3 +191,23 @@ def test_shard_hash_is_remembered_only_for_unchanged_files_this_process_wrote(tm
     other = tmp_path / "other.safetensors"  # written by anyone else: always read and hashed
     other.write_bytes(path.read_bytes())
     assert worker.shard_sha256(other) == file_sha256(other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shard_file_is_what_safetensors_writes(tmp_path, dtype):
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    merged = {"m.q": LowRank(a=torch.randn(3, 5, generator=g).to(dtype), b=torch.randn(4, 3, generator=g).to(dtype)),
+              "m.k": LowRank(a=torch.randn(1, 5, generator=g).to(dtype), b=torch.randn(2, 1, generator=g).to(dtype).T.T),
+              "m.v": LowRank(a=torch.randn(5, 2, generator=g).to(dtype).T, b=torch.randn(6, 2, generator=g).to(dtype))}
+    path = tmp_path / "s.safetensors"
+    sha, size = worker.write_shard(path, merged, meta={"merge": "x", "shard": "layer-000"})
+    data = path.read_bytes()
+    tensors = {f"{m}.{p}": getattr(lr, p).contiguous() for m, lr in merged.items() for p in ("a", "b")}
+    header = json.dumps({"merge": "x", "shard": "layer-000", "modules": list(merged),
+                         "energy_kept": dict.fromkeys(merged)}, sort_keys=True)
+    assert data == save(tensors, metadata={worker.META_KEY: header})
+    assert (sha, size) == (file_sha256(path), len(data))
+    got = read_shard(path)
+    assert all(torch.equal(got[m].a, merged[m].a) and torch.equal(got[m].b, merged[m].b) for m in merged)
