@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -120,6 +121,15 @@ def record(result: dict) -> dict:
     return result
 
 
+def alternate(first: Callable[[], dict], second: Callable[[], dict], runs: int) -> tuple[list[dict], list[dict]]:
+    """``runs`` recorded runs of each, alternated so that drift on the machine hits both alike."""
+    a, b = [], []
+    for _ in range(runs):
+        a.append(record(first()))
+        b.append(record(second()))
+    return a, b
+
+
 def median(rows: list[dict], key: str) -> float:
     return statistics.median(float(r[key]) for r in rows)
 
@@ -131,30 +141,21 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[str] = []
     for which in args.which:
-        if which == "8b":  # alternate the two so that drift hits both alike
-            pipe, lib = [], []
-            for _ in range(args.runs):
-                pipe.append(record(run_job("8b")))
-                lib.append(record(run_library_8b()))
+        if which == "8b":
+            pipe, lib = alternate(lambda: run_job("8b"), run_library_8b, args.runs)
             p, w, lw = median(pipe, "elapsed_s"), median(pipe, "wall_s"), median(lib, "wall_s")
             rows.append(f"| 8B tsv, 8 adapters | pipeline {p:.1f} s after Ray start ({w:.1f} s whole process) "
                         f"vs library {lw:.1f} s | **{p / lw:.2f}x** (target <= 1.5x) |")
         elif which == "batch":  # 16 adapter sets, then 16 merges of one set (bases shared)
             for tag, what in (("-sets", "16 merges, each of its own set of 4 x 1B adapters"),
                               ("", "16 merges of one set of 4 x 1B adapters (bases shared)")):
-                w1, w2 = [], []
-                for _ in range(args.runs):
-                    w1.append(record(run_job(f"batch16{tag}-w1")))
-                    w2.append(record(run_job(f"batch16{tag}-w2")))
+                w1, w2 = alternate(lambda t=tag: run_job(f"batch16{t}-w1"), lambda t=tag: run_job(f"batch16{t}-w2"), args.runs)
                 t1, t2 = median(w1, "elapsed_s"), median(w2, "elapsed_s")
                 rows.append(f"| {what} | 1 worker {t1:.1f} s ({16 / t1:.3f} merges/s), 2 workers {t2:.1f} s "
                             f"({16 / t2:.3f} merges/s) | **{t1 / t2:.2f}x** (target >= 1.7x) |")
         elif which == "sweep":  # the issue's example sweep, then one over every method
             for tag, what in (("-grid", "4 methods x 4 alphas, the issue's example"), ("", "8 methods x 2 alphas")):
-                sw, sep = [], []
-                for _ in range(args.runs):
-                    sw.append(record(run_job(f"sweep16{tag}")))
-                    sep.append(record(run_job(f"separate16{tag}")))
+                sw, sep = alternate(lambda t=tag: run_job(f"sweep16{t}"), lambda t=tag: run_job(f"separate16{t}"), args.runs)
                 a, b = median(sw, "elapsed_s"), median(sep, "elapsed_s")
                 rows.append(f"| sweep of 16 ({what}) vs the 16 merges unshared, in one job (1B) | sweep {a:.1f} s "
                             f"vs separate {b:.1f} s | **{b / a:.2f}x** (target >= 3x) |")

@@ -690,6 +690,13 @@ def safetensors_header(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype
     return len(text).to_bytes(8, "little") + text
 
 
+def tensor_bytes(t: Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes as they lie in memory, which is safetensors' layout (little-endian)."""
+    if sys.byteorder != "little":
+        raise OSError("writing safetensors files needs a little-endian machine")
+    return t.view(torch.uint8).numpy().data
+
+
 def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
                    layout: Mapping[str, tuple[str, str, tuple[int, int]]], dtype: torch.dtype,
                    metadata: Mapping[str, str]) -> None:
@@ -701,8 +708,6 @@ def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
     Only one module's tensors are in memory at a time (tests/test_peft_io.py compares the bytes with
     save_file's).
     """
-    if sys.byteorder != "little":  # safetensors is little-endian; tensor bytes are written as they lie
-        raise OSError("writing safetensors files needs a little-endian machine")
     names = sorted(layout)
     text = safetensors_header({name: layout[name][2] for name in names}, dtype, metadata)
     loaded: tuple[str, dict[str, Tensor]] | None = None  # the module in hand (its A and B are neighbours)
@@ -715,7 +720,7 @@ def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
             t = loaded[1][part]
             if tuple(t.shape) != shape:
                 raise ValueError(f"module {module!r}: {part} has shape {list(t.shape)}, expected {list(shape)}")
-            f.write(t.view(torch.uint8).numpy().data)
+            f.write(tensor_bytes(t))
 
 
 def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank | StoredLowRank], *, config: dict,

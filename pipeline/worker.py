@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
-from coremerge.peft_io import AdapterSource, all_finite, file_sha256, safetensors_header
+from coremerge.peft_io import AdapterSource, all_finite, file_sha256, safetensors_header, tensor_bytes
 from coremerge.types import LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
@@ -164,7 +164,7 @@ def write_shard(path: str | Path, merged: Mapping[str, LowRank], *, meta: Mappin
     header = json.dumps({**meta, "modules": list(merged), "energy_kept": energy}, sort_keys=True)
     # The bytes safetensors' save_file writes (tested), streamed from the tensors' own memory.
     chunks = [safetensors_header({k: tuple(t.shape) for k, t in tensors.items()}, dtypes.pop(), {META_KEY: header})]
-    chunks += [tensors[name].view(torch.uint8).numpy().data for name in sorted(tensors)]
+    chunks += [tensor_bytes(tensors[name]) for name in sorted(tensors)]
     digest, size = hashlib.sha256(), 0
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
