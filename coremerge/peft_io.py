@@ -32,7 +32,8 @@ import re
 import shutil
 import sys
 import tempfile
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -564,6 +565,43 @@ def _sha256_of_version(path: str, size: int, mtime_ns: int, inode: int) -> str:
     return file_sha256(Path(path))
 
 
+_WRITTEN: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()  # path -> (version, sha256)
+_WRITTEN_MAX = 65536  # ~10 MB of entries: a 70B sweep's shard files
+_WRITTEN_LOCK = threading.Lock()  # writers run in threads (the pipeline writes two shard files at a time)
+
+
+def _file_version(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def remember_sha256(path: str | os.PathLike, sha: str) -> None:
+    """Note that this process just wrote ``path`` (whole, closed) and hashed its bytes to ``sha``."""
+    path = Path(path)
+    key, version = str(path.resolve()), _file_version(path)
+    with _WRITTEN_LOCK:
+        _WRITTEN[key] = (version, sha)
+        _WRITTEN.move_to_end(key)
+        while len(_WRITTEN) > _WRITTEN_MAX:
+            _WRITTEN.popitem(last=False)
+
+
+def written_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file; raises OSError if it is missing.
+
+    For a file this process wrote (:func:`write_adapter`, the pipeline's shard files) and that is
+    unchanged since (same size, modification time and inode: what build tools trust), the hash
+    taken as it was written; any other file is read and hashed. So whoever writes a file and then
+    checks or records it does not read it back.
+    """
+    path = Path(path)
+    with _WRITTEN_LOCK:
+        seen = _WRITTEN.get(str(path.resolve()))
+    if seen is not None and seen[0] == _file_version(path):
+        return seen[1]
+    return file_sha256(path)
+
+
 def input_sha256(path: Path) -> str:
     """:func:`file_sha256` of an input adapter's file, computed once per version of the file in a process.
 
@@ -699,8 +737,9 @@ def tensor_bytes(t: Tensor) -> memoryview:
 
 def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
                    layout: Mapping[str, tuple[str, str, tuple[int, int]]], dtype: torch.dtype,
-                   metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file one module at a time, byte for byte what ``safetensors.torch.save_file`` writes.
+                   metadata: Mapping[str, str]) -> str:
+    """Write a safetensors file one module at a time, byte for byte what ``safetensors.torch.save_file`` writes;
+    returns the sha256 of the bytes written (hashed on the way out: the file is not read back).
 
     The file is an 8-byte little-endian header length, a JSON header (``__metadata__`` first, then
     each tensor's dtype, shape and data offsets, tensors sorted by name, as safetensors sorts a
@@ -711,6 +750,7 @@ def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
     names = sorted(layout)
     text = safetensors_header({name: layout[name][2] for name in names}, dtype, metadata)
     loaded: tuple[str, dict[str, Tensor]] | None = None  # the module in hand (its A and B are neighbours)
+    digest = hashlib.sha256(text)
     with open(path, "wb") as f:
         f.write(text)
         for name in names:
@@ -720,7 +760,10 @@ def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
             t = loaded[1][part]
             if tuple(t.shape) != shape:
                 raise ValueError(f"module {module!r}: {part} has shape {list(t.shape)}, expected {list(shape)}")
-            f.write(tensor_bytes(t))
+            data = tensor_bytes(t)
+            f.write(data)
+            digest.update(data)
+    return digest.hexdigest()
 
 
 def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank | StoredLowRank], *, config: dict,
@@ -753,7 +796,7 @@ def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank | St
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _save_streamed(tmp / SAFETENSORS_NAME, modules, layout, dtype, {"format": "pt"})
+        sha = _save_streamed(tmp / SAFETENSORS_NAME, modules, layout, dtype, {"format": "pt"})
         (tmp / CONFIG_NAME).write_bytes(_json_bytes(config))
         if report is not None:
             (tmp / REPORT_NAME).write_bytes(_json_bytes(report))
@@ -764,6 +807,7 @@ def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank | St
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remember_sha256(out / SAFETENSORS_NAME, sha)  # renaming the directory kept the file's inode and mtime
     log.info("wrote %d modules to %s", len(modules), out)
     return out
 

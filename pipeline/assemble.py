@@ -21,11 +21,11 @@ from pathlib import Path
 
 from coremerge import peft_io
 from coremerge.merge import finish, parse_dtype
-from coremerge.peft_io import AdapterSource, file_sha256
+from coremerge.peft_io import AdapterSource, written_sha256
 from coremerge.types import StoredLowRank
 
 from pipeline.config import MergeSpec
-from pipeline.worker import shard_sha256, stored_modules
+from pipeline.worker import stored_modules
 
 WEIGHTS_NAME = peft_io.SAFETENSORS_NAME
 
@@ -41,7 +41,7 @@ def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource
     merged: dict[str, StoredLowRank] = {}
     for row in rows:
         path = output_dir / str(row["path"])
-        if not path.is_file() or shard_sha256(path) != row["sha256"]:
+        if not path.is_file() or written_sha256(path) != row["sha256"]:
             raise ValueError(f"shard file {path} is missing or changed since it was written; "
                              f"run the job again to redo shard {row['shard']}")
         merged.update(stored_modules(path))
@@ -55,7 +55,7 @@ def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource
                "assemble": time.perf_counter() - started}
     out = finish(output_dir / merge.name, sources, options, merged, out_dtype=parse_dtype(merge.out_dtype),
                  timings=timings, force=True)
-    return Path(out), file_sha256(Path(out) / WEIGHTS_NAME)
+    return Path(out), written_sha256(Path(out) / WEIGHTS_NAME)  # hashed as it was written
 
 
 @dataclass(frozen=True)

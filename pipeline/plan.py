@@ -53,7 +53,7 @@ class Task:
 @dataclass(frozen=True)
 class Plan:
     units: Mapping[tuple[str, str], Unit]  # (merge, shard) -> unit, in job order
-    tasks: tuple[Task, ...]  # every task of the job, in shard order
+    tasks: tuple[Task, ...]  # every task of the job: adapter set by adapter set (job order), each in shard order
 
     def units_of(self, merge: str) -> list[Unit]:
         return [u for (m, _), u in self.units.items() if m == merge]
@@ -103,20 +103,20 @@ def make_plan(job: JobSpec, sources: Sources) -> Plan:
     for merge in job.merges:
         groups.setdefault(group_id(merge), []).append(merge)
     identities = {ids: _adapter_identity(srcs) for ids, srcs in sources.items()}
-    tasks: list[tuple[int, Task]] = []
+    tasks: list[Task] = []
     for group, merges in groups.items():
         adapters = merges[0].adapter_set
         shards = shard_modules(peft_io.union_modules(sources[adapters]), job.shard_by)
-        for order, (shard, modules) in enumerate(shards.items()):
+        for shard, modules in shards.items():
             for merge in merges:
                 units[(merge.name, shard)] = Unit(
                     merge=merge.name, shard=shard, modules=modules,
                     path=f"{SHARD_DIR}/{merge.name}/{shard}.safetensors",
                     fingerprint=_fingerprint(merge, modules, identities[adapters]))
-            tasks.append((order, Task(group=group, shard=shard, adapters=adapters, modules=modules,
-                                      merges=tuple(m.name for m in merges))))
+            tasks.append(Task(group=group, shard=shard, adapters=adapters, modules=modules,
+                              merges=tuple(m.name for m in merges)))
     ordered = {(m.name, u.shard): u for m in job.merges for u in units.values() if u.merge == m.name}
-    return Plan(units=ordered, tasks=tuple(t for _, t in sorted(tasks, key=lambda item: item[0])))
+    return Plan(units=ordered, tasks=tuple(tasks))
 
 
 def work_of(job: JobSpec, plan: Plan, task: Task, merges: Sequence[str]) -> ShardWork:

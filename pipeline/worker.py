@@ -24,7 +24,6 @@ import resource
 import socket
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -34,7 +33,7 @@ import torch
 from safetensors import safe_open
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
-from coremerge.peft_io import AdapterSource, all_finite, file_sha256, safetensors_header, tensor_bytes
+from coremerge.peft_io import AdapterSource, all_finite, remember_sha256, safetensors_header, tensor_bytes
 from coremerge.types import LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
@@ -177,44 +176,8 @@ def write_shard(path: str | Path, merged: Mapping[str, LowRank], *, meta: Mappin
     finally:
         tmp.unlink(missing_ok=True)
     sha = digest.hexdigest()
-    _remember(path, sha)
+    remember_sha256(path, sha)
     return sha, size
-
-
-_WRITTEN: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()  # path -> (version, sha256)
-_WRITTEN_MAX = 65536  # ~10 MB of entries: a 70B sweep's shards
-
-
-def _version(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-_WRITTEN_LOCK = threading.Lock()  # run_shard writes from two threads
-
-
-def _remember(path: Path, sha: str) -> None:
-    key, version = str(path.resolve()), _version(path)
-    with _WRITTEN_LOCK:
-        _WRITTEN[key] = (version, sha)
-        _WRITTEN.move_to_end(key)
-        while len(_WRITTEN) > _WRITTEN_MAX:
-            _WRITTEN.popitem(last=False)
-
-
-def shard_sha256(path: str | Path) -> str:
-    """The sha256 of a shard file; raises OSError if it is missing.
-
-    For a file this process wrote and that is unchanged since (same size, modification time and
-    inode, what build tools trust), the hash taken as it was written; any other file is read and
-    hashed. Assembly on the worker that merged the shards so skips reading them twice.
-    """
-    path = Path(path)
-    with _WRITTEN_LOCK:
-        seen = _WRITTEN.get(str(path.resolve()))
-    if seen is not None and seen[0] == _version(path):
-        return seen[1]
-    return file_sha256(path)
 
 
 def read_shard(path: str | Path) -> dict[str, LowRank]:

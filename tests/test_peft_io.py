@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import warnings
@@ -490,6 +491,25 @@ def test_streamed_weights_are_save_files_bytes(plain, tmp_path, dtype):
         tensors[f"base_model.model.{m}.lora_B.weight"] = b.to(dtype).contiguous()
     safetensors.torch.save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
     assert (out / "adapter_model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_written_weights_hash_is_taken_as_they_are_written(plain, tmp_path, monkeypatch):
+    # write_adapter hashes the weights on the way out; whoever records the output's sha256 (the
+    # pipeline's assembly) gets it without reading the file back, while the file is unchanged.
+    import coremerge.peft_io as peft_io
+
+    src = open_adapter(plain)
+    merged = random_merged(src, [2, 3] * 5, seed=5)
+    config = adapter_config_for([src], {m: lr.rank for m, lr in merged.items()})
+    st = write_adapter(tmp_path / "out", merged, config=config, report=None, dtype=torch.bfloat16) / "adapter_model.safetensors"
+    expected = hashlib.sha256(st.read_bytes()).hexdigest()
+    monkeypatch.setattr(peft_io, "file_sha256", lambda p: pytest.fail("read back a file this process wrote"))
+    assert peft_io.written_sha256(st) == expected
+    monkeypatch.undo()
+    st.write_bytes(st.read_bytes()[:-2] + b"\0\0")  # rewritten in place: read and hashed again
+    stat = st.stat()  # (a newer mtime for sure: the kernel's clock for it is coarse)
+    os.utime(st, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert peft_io.written_sha256(st) == hashlib.sha256(st.read_bytes()).hexdigest() != expected
 
 
 def test_stored_modules_are_loaded_one_at_a_time(plain, tmp_path):

@@ -6,7 +6,7 @@ import dataclasses
 import os
 
 from pipeline.config import load_job
-from pipeline.plan import layer_of, make_plan, shard_modules
+from pipeline.plan import group_id, layer_of, make_plan, shard_modules
 
 from pipeline_helpers import write_job
 
@@ -54,6 +54,12 @@ def test_plan_groups_merges_sharing_adapters(tmp_path, adapters):
     three = next(t for t in tasks if len(t.merges) == 3)
     assert set(three.merges) == {"tsv", "sw-ta", "sw-iso_c"}
     assert len(three.modules) == 7  # q, k, v, o of all three and the MLP of rte
+    # adapter set after adapter set, in job order, layers in order: in a batch the first merges
+    # finish (and are written) while the later ones still merge
+    groups = [t.group for t in tasks]
+    assert groups == sorted(groups, key=lambda g: groups.index(g)) and groups[0] == group_id(job.merges[0])
+    for group in set(groups):
+        assert [t.shard for t in tasks if t.group == group] == ["layer-000", "layer-001", "layer-002"]
     # a task is paths and names only: no tensor ever goes through the driver
     for task in tasks:
         for field in dataclasses.fields(task):

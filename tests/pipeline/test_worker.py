@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pipeline.worker as worker
+from coremerge import peft_io
 from coremerge.merge import merge_module_of, parse_dtype
 from coremerge.peft_io import file_sha256
 from coremerge.types import LowRank
@@ -175,22 +176,22 @@ def test_assembly_on_a_worker_equals_the_library_and_refuses_a_changed_shard(tmp
     assert (job.output_dir / "tsv" / "adapter_model.safetensors").read_bytes() == written  # left as it was
 
 
-def test_shard_hash_is_remembered_only_for_unchanged_files_this_process_wrote(tmp_path, monkeypatch):
+def test_shard_hash_is_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
     path = tmp_path / "s.safetensors"
     sha, _ = worker.write_shard(path, {"m": LowRank(a=torch.ones(2, 3), b=torch.ones(4, 2))}, meta={"merge": "x"})
     assert sha == file_sha256(path)
-    monkeypatch.setattr(worker, "file_sha256", lambda p: pytest.fail("read a file this process just wrote"))
-    assert worker.shard_sha256(path) == sha
+    monkeypatch.setattr(peft_io, "file_sha256", lambda p: pytest.fail("read a file this process just wrote"))
+    assert peft_io.written_sha256(path) == sha
     monkeypatch.undo()
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # same size, other bytes, another modification time
     path.write_bytes(bytes(data))
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert worker.shard_sha256(path) == file_sha256(path) != sha
+    assert peft_io.written_sha256(path) == file_sha256(path) != sha
     other = tmp_path / "other.safetensors"  # written by anyone else: always read and hashed
     other.write_bytes(path.read_bytes())
-    assert worker.shard_sha256(other) == file_sha256(other)
+    assert peft_io.written_sha256(other) == file_sha256(other)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
