@@ -42,4 +42,5 @@ def reference_basis(factors: Sequence[LoraFactors]) -> Basis:
         raise ValueError("reference_basis needs at least one adapter's factors")
     stacked_b = torch.cat([f.b for f in factors], dim=1)  # (m, k)
     stacked_a = torch.cat([f.a for f in factors], dim=0)  # (k, n)
-    return Basis(u=col_basis(stacked_b), v=row_basis(stacked_a))
+    # Contiguous, so that every later product sees one layout (the pipeline stores and reloads them).
+    return Basis(u=col_basis(stacked_b).contiguous(), v=row_basis(stacked_a).contiguous())

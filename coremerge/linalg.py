@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from coremerge.types import LowRank
+from coremerge.types import FactoredLowRank, LowRank
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +144,37 @@ def factor_between(u: Tensor, core: Tensor, v: Tensor | None, rank: int | None) 
     of the whole product (u and v are isometries), ``b = u p_q s_q``, ``a = q_qᵀ v``,
     and ``energy_kept`` = the share of ‖core‖²_F kept.
     """
-    if rank is None:
-        if v is None:
+    if v is None:
+        if rank is None:
             return LowRank(a=core, b=u)  # (d, n), (m, d)
-        return LowRank(a=v, b=u @ core)  # (kv, n), (m, kv)
+        p, s, qh = thin_svd(core)  # (ku, d), (d,), (d, n)
+        q = min(rank, s.shape[0])
+        return LowRank(a=qh[:q], b=u @ (p[:, :q] * s[:q]), energy_kept=_energy(s, q))
+    return factor_core(u, core, v, rank).expand()
+
+
+def factor_core(u: Tensor, core: Tensor, v: Tensor, rank: int | None) -> FactoredLowRank:
+    """:func:`factor_between` (with ``v``) one multiplication short: ``u @ x @ y @ v``, x and y small.
+
+    Without ``rank``: x = core, y = None (all four made contiguous). With ``rank``: the SVD of ``core = p s qᵀ`` gives
+    x = p_q s_q (ku, q) and y = q_qᵀ (q, kv). The pipeline stores u and v once per adapter set and
+    module and x, y per merge; ``.expand()`` then gives exactly what factor_between gives.
+    """
+    # Every factor contiguous: the products then see the layout a stored and reloaded copy has
+    # (a transposed operand can take another BLAS path, and other last bits).
+    u, v = u.contiguous(), v.contiguous()
+    if rank is None:
+        return FactoredLowRank(u=u, x=core.contiguous(), y=None, v=v)
     p, s, qh = thin_svd(core)  # (ku, d), (d,), (d, kv)
     q = min(rank, s.shape[0])
+    return FactoredLowRank(u=u, x=(p[:, :q] * s[:q]).contiguous(), y=qh[:q].contiguous(), v=v,
+                           energy_kept=_energy(s, q))
+
+
+def _energy(s: Tensor, q: int) -> float:
+    """The share of the squared Frobenius norm the first q singular values hold (1.0 for a zero matrix)."""
     total = float((s * s).sum())
-    kept = float((s[:q] * s[:q]).sum())
-    b = u @ (p[:, :q] * s[:q])  # (m, q)
-    a = qh[:q] if v is None else qh[:q] @ v  # (q, n)
-    return LowRank(a=a, b=b, energy_kept=1.0 if total == 0.0 else kept / total)
+    return 1.0 if total == 0.0 else float((s[:q] * s[:q]).sum()) / total
 
 
 def factor_dense(delta: Tensor, rank: int | None) -> LowRank:

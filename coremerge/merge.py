@@ -19,7 +19,7 @@ from torch import Tensor
 
 from coremerge import methods, peft_io
 from coremerge.spaces import CoreSpace, check_space, merge_module, module_generator
-from coremerge.types import LowRank, StoredLowRank
+from coremerge.types import FactoredLowRank, LowRank, StoredLowRank
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,17 @@ def build_core_space(sources: Sequence[peft_io.AdapterSource], module: str, *,
 
 
 def merge_module_of(sources: Sequence[peft_io.AdapterSource], module: str, options: MergeOptions, *,
-                    core_space: CoreSpace | None = None, cores: dict[tuple, Tensor | None] | None = None) -> LowRank:
+                    core_space: CoreSpace | None = None, cores: dict[tuple, Tensor | None] | None = None,
+                    factored: bool = False) -> LowRank | FactoredLowRank:
     """Merge one module of the adapters; ``options`` must come from :meth:`MergeOptions.checked`.
 
     A sweep passes what it shares between its merges of this module: ``core_space``, built
     once for the same adapters (the reference bases and core matrices), and ``cores``, a dict
     it keeps for this module, where each merged core matrix is stored at alpha = 1 and reused
     by every merge that differs only in alpha (the result is bit for bit the same).
-    The result stays on ``options.device`` in the compute dtype.
+    With ``factored``, a core-space merge of a nonzero module returns :class:`FactoredLowRank`
+    (whose ``.expand()`` is the LowRank returned otherwise), so that the sweep can store the
+    shared bases once. The result stays on ``options.device`` in the compute dtype.
     """
     present = present_in(sources, module)
     weights = [options.weights[i] for i in present]
@@ -128,6 +131,8 @@ def merge_module_of(sources: Sequence[peft_io.AdapterSource], module: str, optio
             core = space.merge_core(options.method, weights=weights, params=options.params, generator=generator)
             if cores is not None:
                 cores[key] = core
+        if factored:
+            return space.factored(core, alpha=options.alpha, rank=options.rank)
         return space.lowrank(core, alpha=options.alpha, rank=options.rank)
     factors = [peft_io.load_factors(sources[i], module, dtype=options.compute_dtype, device=options.device)
                for i in present]

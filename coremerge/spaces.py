@@ -22,11 +22,10 @@ from torch import Tensor
 
 from coremerge import methods
 from coremerge.basis import Basis, reference_basis
-from coremerge.linalg import factor_between, factor_dense, thin_svd
+from coremerge.linalg import factor_between, factor_core, factor_dense, thin_svd
 from coremerge.methods._common import check_finite
 from coremerge.project import project
-from coremerge.reconstruct import to_lowrank
-from coremerge.types import LoraFactors, LowRank
+from coremerge.types import FactoredLowRank, LoraFactors, LowRank
 
 SPACES = ("core", "full", "knots")
 
@@ -95,10 +94,17 @@ class CoreSpace:
 
     def lowrank(self, core: Tensor | None, *, alpha: float = 1.0, rank: int | None = None) -> LowRank:
         """LoRA factors (scale 1) of U · (alpha core) · V, from :meth:`merge_core`'s core."""
+        result = self.factored(core, alpha=alpha, rank=rank)
+        return result.expand() if isinstance(result, FactoredLowRank) else result
+
+    def factored(self, core: Tensor | None, *, alpha: float = 1.0,
+                 rank: int | None = None) -> FactoredLowRank | LowRank:
+        """:meth:`lowrank` before its last products: U and V with this merge's small factors
+        (``.expand()`` is :meth:`lowrank`, bit for bit); a zero module (``core`` None) as LowRank."""
         alpha = check_finite(alpha, "alpha")
         if core is None:
             return _zero_module(self.basis.u.shape[0], self.basis.v.shape[1], self.cores, rank)
-        return to_lowrank(self.basis, alpha * core, rank=rank)
+        return factor_core(self.basis.u, alpha * core, self.basis.v, rank)
 
 
 def merge_module(factors: Sequence[LoraFactors], *, method: str, space: str = "core",

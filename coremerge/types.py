@@ -86,6 +86,47 @@ class LowRank:
 
 
 @dataclass(frozen=True)
+class FactoredLowRank:
+    """A merged core-space module one multiplication before its LoRA factors: ``delta = u @ x @ y @ v``.
+
+    ``u`` (m, ku) and ``v`` (kv, n) are the module's reference bases, the same for every merge of
+    one adapter set; ``x`` (ku, q) and ``y`` (q, kv) are this merge's own small factors (``y`` None:
+    ``delta = u @ x @ v``, nothing truncated). A sweep stores the bases once and each member's small
+    factors; :meth:`expand` gives the LoRA factors, the very tensors ``coremerge merge`` computes
+    (it calls the same method).
+
+    Example:
+        >>> u, v = torch.eye(4)[:, :2], torch.eye(2, 5)
+        >>> f = FactoredLowRank(u=u, x=2 * torch.eye(2), y=None, v=v)
+        >>> f.expand().delta().tolist()[0]
+        [2.0, 0.0, 0.0, 0.0, 0.0]
+    """
+
+    u: Tensor  # (m, ku)
+    x: Tensor  # (ku, q)
+    y: Tensor | None  # (q, kv), or None: q = kv and a = v
+    v: Tensor  # (kv, n)
+    energy_kept: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.v.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.u.shape[0]
+
+    def expand(self) -> LowRank:
+        """LoRA factors with scale 1: ``b = u @ x`` (m, q), ``a = y @ v`` or ``v`` (q, n)."""
+        a = self.v if self.y is None else self.y @ self.v
+        return LowRank(a=a, b=self.u @ self.x, energy_kept=self.energy_kept)
+
+
+@dataclass(frozen=True)
 class StoredLowRank:
     """A merged module that stays on disk until it is written: its shape now, its factors on demand.
 

@@ -18,7 +18,7 @@ from coremerge.linalg import factor_dense
 from coremerge.project import project
 from coremerge.reconstruct import to_lowrank
 from coremerge.spaces import CoreSpace, merge_module, module_generator
-from coremerge.types import LoraFactors
+from coremerge.types import FactoredLowRank, LoraFactors, LowRank
 
 F64 = torch.float64
 
@@ -105,6 +105,30 @@ def test_a_core_merged_once_serves_every_alpha_bit_for_bit(method, rank):
     assert torch.count_nonzero(zero.lowrank(None, alpha=0.5).delta()) == 0
     with pytest.raises(ValueError, match="alpha"):
         space.lowrank(core, alpha=float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rank", [None, 4])
+def test_factored_result_stored_and_reloaded_expands_to_lowrank_bit_for_bit(dtype, rank):
+    # What a pipeline sweep does: keep U and V once, each merge's small x (and y), through a
+    # safetensors file, and expand at assembly: the same bits as lowrank.
+    from safetensors.torch import load, save
+
+    space = CoreSpace.build(random_factors([3, 5, 2], dtype=dtype))
+    assert space.basis.u.is_contiguous() and space.basis.v.is_contiguous()
+    core = space.merge_core("tsv", weights=[1.0, 0.5, 2.0])
+    factored = space.factored(core, alpha=0.7, rank=rank)
+    assert isinstance(factored, FactoredLowRank) and (factored.y is None) == (rank is None)
+    stored = {"u": factored.u, "v": factored.v, "x": factored.x.contiguous()}
+    if factored.y is not None:
+        stored["y"] = factored.y.contiguous()
+    back = load(save(stored))
+    again = FactoredLowRank(u=back["u"], x=back["x"], y=back.get("y"), v=back["v"], energy_kept=factored.energy_kept)
+    want = space.lowrank(core, alpha=0.7, rank=rank)
+    got = again.expand()
+    assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b) and got.energy_kept == want.energy_kept
+    assert factored.rank == want.rank and (factored.out_features, factored.in_features) == tuple(want.delta().shape)
+    assert isinstance(space.factored(None, alpha=0.7, rank=rank), LowRank)  # a zero module stays LowRank
 
 
 def test_dare_repeated_merges_do_not_compound():
