@@ -560,14 +560,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=256)
-def _sha256_of_version(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    return file_sha256(Path(path))
-
-
-_WRITTEN: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()  # path -> (version, sha256)
-_WRITTEN_MAX = 65536  # ~10 MB of entries: a 70B sweep's shard files
-_WRITTEN_LOCK = threading.Lock()  # writers run in threads (the pipeline writes two shard files at a time)
+_KNOWN: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()  # path -> (version, sha256)
+_KNOWN_MAX = 65536  # ~10 MB of entries: a 70B sweep's shard files
+_KNOWN_LOCK = threading.Lock()  # writers run in threads (the pipeline writes two shard files at a time)
 
 
 def _file_version(path: Path) -> tuple[int, int, int]:
@@ -575,41 +570,38 @@ def _file_version(path: Path) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
-def remember_sha256(path: str | os.PathLike, sha: str) -> None:
-    """Note that this process just wrote ``path`` (whole, closed) and hashed its bytes to ``sha``."""
+def remember_sha256(path: str | os.PathLike, sha: str, version: tuple[int, int, int] | None = None) -> None:
+    """Note that ``path`` (whole and closed; as of ``version``, default now) hashes to ``sha``."""
+    path = Path(path)
+    key, version = str(path.resolve()), version or _file_version(path)
+    with _KNOWN_LOCK:
+        _KNOWN[key] = (version, sha)
+        _KNOWN.move_to_end(key)
+        while len(_KNOWN) > _KNOWN_MAX:
+            _KNOWN.popitem(last=False)
+
+
+def known_sha256(path: str | os.PathLike) -> str:
+    """:func:`file_sha256`, read and computed once per version of the file in a process.
+
+    A version is the file's size, modification time and inode (what build tools trust too). A
+    file this process wrote (:func:`write_adapter`, the pipeline's shard files) was hashed as it
+    was written and is not read back; a sweep's 16 merge reports hash their 4 input files once,
+    not 16 times. Raises OSError if the file is missing.
+    """
     path = Path(path)
     key, version = str(path.resolve()), _file_version(path)
-    with _WRITTEN_LOCK:
-        _WRITTEN[key] = (version, sha)
-        _WRITTEN.move_to_end(key)
-        while len(_WRITTEN) > _WRITTEN_MAX:
-            _WRITTEN.popitem(last=False)
-
-
-def written_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file; raises OSError if it is missing.
-
-    For a file this process wrote (:func:`write_adapter`, the pipeline's shard files) and that is
-    unchanged since (same size, modification time and inode: what build tools trust), the hash
-    taken as it was written; any other file is read and hashed. So whoever writes a file and then
-    checks or records it does not read it back.
-    """
-    path = Path(path)
-    with _WRITTEN_LOCK:
-        seen = _WRITTEN.get(str(path.resolve()))
-    if seen is not None and seen[0] == _file_version(path):
+    with _KNOWN_LOCK:
+        seen = _KNOWN.get(key)
+    if seen is not None and seen[0] == version:
         return seen[1]
-    return file_sha256(path)
+    sha = file_sha256(path)
+    if _file_version(path) == version:  # not changed while it was read
+        remember_sha256(path, sha, version)
+    return sha
 
 
-def input_sha256(path: Path) -> str:
-    """:func:`file_sha256` of an input adapter's file, computed once per version of the file in a process.
-
-    A version is the file's size, modification time and inode (what build tools trust too): a
-    sweep's 16 merge reports hash their 4 input files once, not 16 times.
-    """
-    st = os.stat(path)
-    return _sha256_of_version(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+input_sha256 = known_sha256  # the name merge reports use for their inputs' hashes
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -732,7 +724,8 @@ def tensor_bytes(t: Tensor) -> memoryview:
     """A contiguous CPU tensor's bytes as they lie in memory, which is safetensors' layout (little-endian)."""
     if sys.byteorder != "little":
         raise OSError("writing safetensors files needs a little-endian machine")
-    return t.view(torch.uint8).numpy().data
+    # reshape(-1): a contiguous tensor with a last dimension of size 1 may have any stride there
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],

@@ -61,7 +61,7 @@ class MergeWorker:
                 return [{"merge": work.merge.name, "status": "failed", "error": error}]
             return failed_records(work, error)
         if isinstance(work, AssemblyWork):
-            return run_assembly(work, sources)
+            return run_assembly(work, sources, device=self.device)
         return run_shard(work, sources, device=self.device, hooks=self.hooks)
 
     def _open(self, adapters: tuple[str, ...]) -> list[AdapterSource]:

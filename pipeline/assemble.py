@@ -21,30 +21,31 @@ from pathlib import Path
 
 from coremerge import peft_io
 from coremerge.merge import finish, parse_dtype
-from coremerge.peft_io import AdapterSource, written_sha256
+from coremerge.peft_io import AdapterSource, known_sha256
 from coremerge.types import StoredLowRank
 
 from pipeline.config import MergeSpec
-from pipeline.worker import stored_modules
+from pipeline.worker import shard_intact, stored_modules
 
 WEIGHTS_NAME = peft_io.SAFETENSORS_NAME
 
 
 def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource],
-             rows: Sequence[Mapping[str, object]]) -> tuple[Path, str]:
+             rows: Sequence[Mapping[str, object]], *, device: str = "cpu") -> tuple[Path, str]:
     """Write ``output_dir/<merge>/`` from the merge's finished shards; returns (path, sha256 of weights).
 
-    Every shard file is checked against the sha256 recorded in the manifest before it is used;
-    a mismatch raises ValueError (the next run redoes that shard).
+    Every shard file (and the bases file it names) is checked against the sha256 recorded before
+    it is used; a mismatch raises ValueError (the next run redoes that shard). Factored modules
+    are multiplied out on ``device``.
     """
     started = time.perf_counter()
     merged: dict[str, StoredLowRank] = {}
     for row in rows:
         path = output_dir / str(row["path"])
-        if not path.is_file() or written_sha256(path) != row["sha256"]:
-            raise ValueError(f"shard file {path} is missing or changed since it was written; "
-                             f"run the job again to redo shard {row['shard']}")
-        merged.update(stored_modules(path))
+        if not shard_intact(path, row["sha256"]):
+            raise ValueError(f"shard file {path} (or the bases file it names) is missing or changed since it "
+                             f"was written; run the job again to redo shard {row['shard']}")
+        merged.update(stored_modules(path, device=device))
     modules = peft_io.union_modules(sources)
     missing = [m for m in modules if m not in merged]
     assert not missing, f"shards of {merge.name} lack modules {missing[:3]}"
@@ -55,7 +56,7 @@ def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource
                "assemble": time.perf_counter() - started}
     out = finish(output_dir / merge.name, sources, options, merged, out_dtype=parse_dtype(merge.out_dtype),
                  timings=timings, force=True)
-    return Path(out), written_sha256(Path(out) / WEIGHTS_NAME)  # hashed as it was written
+    return Path(out), known_sha256(Path(out) / WEIGHTS_NAME)  # hashed as it was written
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class AssemblyWork:
         return self.merge.adapter_set
 
 
-def run_assembly(work: AssemblyWork, sources: Sequence[AdapterSource]) -> list[dict[str, object]]:
+def run_assembly(work: AssemblyWork, sources: Sequence[AdapterSource], *, device: str = "cpu") -> list[dict[str, object]]:
     """Assemble ``work.merge``; one record: ``status`` done (with path, sha256, seconds) or failed (one-line error).
 
     Like :func:`pipeline.worker.run_shard`, it raises nothing for bad input: a missing or changed
@@ -79,7 +80,7 @@ def run_assembly(work: AssemblyWork, sources: Sequence[AdapterSource]) -> list[d
     """
     started = time.perf_counter()
     try:
-        path, sha = assemble(Path(work.output_dir), work.merge, sources, work.rows)
+        path, sha = assemble(Path(work.output_dir), work.merge, sources, work.rows, device=device)
     except (ValueError, OSError) as err:
         text = " ".join(str(err).split()) or type(err).__name__
         return [{"merge": work.merge.name, "status": "failed", "error": f"assembly: {text}"}]

@@ -2,7 +2,8 @@
 
 It lives at ``output_dir/manifest/manifest.parquet`` (read it with
 ``pyarrow.parquet.read_table("output_dir/manifest")``) and is an index of what is on disk:
-a shard is finished when its row says ``done`` and its file still has the recorded sha256.
+a shard is finished when its row says ``done`` and its file still has the recorded sha256
+(and the bases file a sweep's shard file names, the sha256 recorded in it).
 The file is replaced atomically (temp file, fsync, rename), so a reader or a crash never
 sees half of it.
 
@@ -26,9 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coremerge.peft_io import file_sha256
-
 from pipeline.plan import Plan
+from pipeline.worker import shard_intact
 
 MANIFEST_DIR = "manifest"
 MANIFEST_FILE = "manifest.parquet"
@@ -126,8 +126,7 @@ class Manifest:
         return row
 
     def _intact(self, row: dict[str, object]) -> bool:
-        path = self.output_dir / str(row["path"])
-        return path.is_file() and row["sha256"] is not None and file_sha256(path) == row["sha256"]
+        return shard_intact(self.output_dir / str(row["path"]), row["sha256"])
 
     def update(self, key: Key, **values: object) -> None:
         self.rows[key].update(values)

@@ -23,8 +23,10 @@ from coremerge.peft_io import AdapterSource
 from pipeline.config import JobSpec, MergeSpec, Sources
 from pipeline.worker import ShardWork, Target
 
-SHARD_FORMAT = 1  # bump when the shard file layout changes: every shard is then redone
+SHARD_FORMAT = 2  # bump when the shard file layout or its numbers change: every shard is then redone
+# 2: sweeps' bases files; bases stored contiguous (other last bits than format 1)
 SHARD_DIR = ".shards"
+BASES_DIR = ".bases"  # under SHARD_DIR: one directory per adapter set (group) for the sweeps' bases files
 _LAYER = re.compile(r"\.(\d+)(?:\.|$)")
 
 
@@ -123,7 +125,8 @@ def work_of(job: JobSpec, plan: Plan, task: Task, merges: Sequence[str]) -> Shar
     """What a worker gets for ``task``, restricted to ``merges`` (those still to do)."""
     targets = tuple(Target(merge=m, options=job.merge(m).options, out_dtype=job.merge(m).out_dtype,
                            path=str(job.output_dir / plan.units[(m, task.shard)].path)) for m in merges)
-    return ShardWork(shard=task.shard, adapters=task.adapters, modules=task.modules, targets=targets)
+    return ShardWork(shard=task.shard, adapters=task.adapters, modules=task.modules, targets=targets,
+                     bases_dir=str(job.output_dir / SHARD_DIR / BASES_DIR / task.group))
 
 
 def _adapter_identity(sources: Sequence[AdapterSource]) -> list[dict[str, object]]:

@@ -6,9 +6,17 @@ alpha run their method once: each method scales by alpha last), and writes one s
 per merge (temp file, then rename). It returns small records (no tensors) for the driver.
 The actor in :mod:`pipeline.actors` is a thin wrapper around it.
 
-Shard file: safetensors with ``<module>.a`` (q, n) and ``<module>.b`` (m, q) in the merge's
-output dtype (the same conversion ``coremerge merge`` applies before writing, so assembling
-from shard files is lossless), and one metadata entry ``coremerge_shard`` (JSON).
+Shard file: safetensors with one metadata entry ``coremerge_shard`` (JSON) and, per module,
+either its LoRA factors ``<module>.a`` (q, n) and ``<module>.b`` (m, q) in the merge's output
+dtype (the conversion ``coremerge merge`` applies before writing, so assembling from shard
+files is lossless), or, for the core-space merges of a sweep, only the merge's small factors
+``<module>.x`` (ku, q) and ``<module>.y`` (q, kv, when a rank was asked for) in the compute
+dtype. Those refer (by a path relative to the shard file, and its sha256) to one *bases file*
+per task, ``<module>.u`` (m, ku) and ``<module>.v`` (kv, n), that every merge of the sweep
+shares: assembly multiplies them out with :meth:`FactoredLowRank.expand`, the same call that
+``coremerge merge`` makes, so the bytes are the same. A 16-merge sweep so writes its bases
+once instead of 16 times (1B adapters: 0.2 GB of shard files instead of 1.4 GB).
+:func:`storage_plan` picks the form that writes fewer bytes.
 
 Test hooks (used by tests/pipeline only; never set them in production):
 ``crash_once`` = a marker path: the first worker to create it exits the process
@@ -30,11 +38,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
-from coremerge.peft_io import AdapterSource, all_finite, remember_sha256, safetensors_header, tensor_bytes
-from coremerge.types import LowRank, StoredLowRank
+from coremerge.peft_io import (AdapterSource, all_finite, known_sha256, remember_sha256, safetensors_header,
+                               tensor_bytes)
+from coremerge.types import FactoredLowRank, LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
 
@@ -57,6 +66,37 @@ class ShardWork:
     adapters: tuple[str, ...]
     modules: tuple[str, ...]
     targets: tuple[Target, ...]
+    bases_dir: str  # absolute directory for this adapter set's bases files (see the module doc)
+
+
+def storage_plan(work: ShardWork, sources: Sequence[AdapterSource]) -> frozenset[str]:
+    """The merges of ``work`` whose shard files hold small factors beside one shared bases file.
+
+    Its core-space merges, when the bases once plus each merge's small factors take fewer bytes
+    than each merge's LoRA factors (from the adapters' shapes: ranks sum to k per module);
+    otherwise none. With float32 compute and bfloat16 output that is a sweep of 3 or more merges;
+    a single merge keeps the plain form.
+
+    Example:
+        >>> storage_plan(sweep_of_16, sources)  # doctest: +SKIP
+        frozenset({'s-ta-a0.5', ...})
+    """
+    core = [t for t in work.targets if t.options.space == "core"]
+    if not core:
+        return frozenset()
+    compute = torch.empty((), dtype=core[0].options.compute_dtype).element_size()
+    shared = small = plain = 0
+    for module in work.modules:
+        specs = [src.modules[module] for src in sources if module in src.modules]
+        m, n, k = specs[0].out_features, specs[0].in_features, sum(spec.rank for spec in specs)
+        ku, kv = min(m, k), min(n, k)  # the bases' widths at most
+        shared += (m * ku + kv * n) * compute
+        for target in core:
+            rank = target.options.rank
+            q = kv if rank is None else min(rank, ku, kv)
+            plain += (m + n) * q * parse_dtype(target.out_dtype).itemsize
+            small += (ku * q + (0 if rank is None else q * kv)) * compute
+    return frozenset(t.merge for t in core) if shared + small < plain else frozenset()
 
 
 def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str = "cpu",
@@ -73,7 +113,9 @@ def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str 
     """
     hooks = hooks or {}
     started = time.perf_counter()
-    merged: dict[str, dict[str, LowRank]] = {t.merge: {} for t in work.targets}
+    merged: dict[str, dict[str, LowRank | FactoredLowRank]] = {t.merge: {} for t in work.targets}
+    factored = storage_plan(work, sources)
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (u, v) on the CPU, for the bases file
     errors: dict[str, str] = {}
     spent = dict.fromkeys(merged, 0.0)  # seconds per target, shared work split evenly
     compute = {t.options.compute_dtype for t in work.targets}
@@ -98,17 +140,30 @@ def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str 
             try:
                 options = replace(target.options, device=device)
                 space = core_space if options.space == "core" else None
-                result = merge_module_of(sources, module, options, core_space=space, cores=cores)
-                result = result.to(dtype=parse_dtype(target.out_dtype), device="cpu")
-                _check_finite(result, module)
+                result = merge_module_of(sources, module, options, core_space=space, cores=cores,
+                                         factored=target.merge in factored)
+                if isinstance(result, FactoredLowRank):
+                    result = _small_factors_on_cpu(result, module, bases)
+                else:  # a factored merge's plain modules (all-zero ones) stay in its file's one dtype
+                    dtype = options.compute_dtype if target.merge in factored else parse_dtype(target.out_dtype)
+                    result = result.to(dtype=dtype, device="cpu")
+                    _check_finite(result, module)
                 merged[target.merge][module] = result
             except Exception as err:  # noqa: BLE001
                 errors[target.merge] = _message(module, err)
             spent[target.merge] += shared + time.perf_counter() - t1
         if index == 0:
             _test_hooks(hooks)
+    bases_file: tuple[Path, str] | None = None
+    if bases and any(t.merge in factored and t.merge not in errors for t in work.targets):
+        try:
+            bases_file = write_bases(Path(work.bases_dir), work.shard, bases)
+        except OSError as err:
+            message = f"cannot write the bases file in {work.bases_dir}: {err.strerror or err}"
+            errors.update((t.merge, message) for t in work.targets if t.merge in factored and t.merge not in errors)
+
     def write(target: Target) -> dict[str, object]:
-        return _write_target(target, work, merged, errors, spent)
+        return _write_target(target, work, merged, errors, spent, bases_file if target.merge in factored else None)
 
     if len(work.targets) == 1:
         records = [write(work.targets[0])]
@@ -121,15 +176,33 @@ def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str 
     return records
 
 
-def _write_target(target: Target, work: ShardWork, merged: Mapping[str, Mapping[str, LowRank]],
-                  errors: Mapping[str, str], spent: Mapping[str, float]) -> dict[str, object]:
+def _small_factors_on_cpu(result: FactoredLowRank, module: str,
+                         bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> FactoredLowRank:
+    """``result`` on the CPU, its u and v the task's shared copies (moved and checked once per module)."""
+    if module not in bases:
+        u, v = result.u.to("cpu"), result.v.to("cpu")
+        if not (all_finite(u) and all_finite(v)):
+            raise ValueError(f"the reference bases have NaN or Inf values (check the adapters' tensors of {module})")
+        bases[module] = (u, v)
+    u, v = bases[module]
+    small = FactoredLowRank(u=u, x=result.x.to("cpu"), y=None if result.y is None else result.y.to("cpu"), v=v,
+                            energy_kept=result.energy_kept)
+    if not (all_finite(small.x) and (small.y is None or all_finite(small.y))):
+        raise ValueError(f"the merge produced NaN or Inf values (check the adapters' tensors of {module})")
+    return small
+
+
+def _write_target(target: Target, work: ShardWork, merged: Mapping[str, Mapping[str, LowRank | FactoredLowRank]],
+                  errors: Mapping[str, str], spent: Mapping[str, float],
+                  bases_file: tuple[Path, str] | None) -> dict[str, object]:
     """Write ``target``'s shard file (unless its merge failed); its record."""
     started = time.perf_counter()
     record: dict[str, object] = {"merge": target.merge, "shard": work.shard, "status": "failed",
                                  "error": errors.get(target.merge), "sha256": None, "bytes": None}
     if target.merge not in errors:
         try:
-            sha, size = write_shard(target.path, merged[target.merge], meta={"merge": target.merge, "shard": work.shard})
+            sha, size = write_shard(target.path, merged[target.merge], meta={"merge": target.merge, "shard": work.shard},
+                                    bases_file=bases_file)
             record.update(status="done", sha256=sha, bytes=size, ranks=[merged[target.merge][m].rank for m in work.modules])
         except OSError as err:
             record["error"] = f"cannot write shard file {target.path}: {err.strerror or err}"
@@ -143,74 +216,142 @@ def failed_records(work: ShardWork, error: str) -> list[dict[str, object]]:
              "bytes": None, "seconds": 0.0} for t in work.targets]
 
 
-def write_shard(path: str | Path, merged: Mapping[str, LowRank], *, meta: Mapping[str, object]) -> tuple[str, int]:
+def write_shard(path: str | Path, merged: Mapping[str, LowRank | FactoredLowRank], *, meta: Mapping[str, object],
+                bases_file: tuple[Path, str] | None = None) -> tuple[str, int]:
     """Write a shard file atomically (temp file, then rename); returns (sha256, size).
 
+    A :class:`FactoredLowRank` module is stored as its small factors; its u and v must be in
+    ``bases_file`` = (path, sha256) from :func:`write_bases`, which the shard file then names.
     The bytes are hashed as they are written (no second read, no copy of the tensors). The file is not
     fsynced: a shard is a checkpoint that every reader checks against this sha256 first (resume,
     assembly), so one that a power cut left short or empty is found and merged again, and a
     sweep does not wait on the disk for each of its hundreds of files.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    small = []
+    for module, result in merged.items():
+        if isinstance(result, FactoredLowRank):
+            small.append(module)
+            tensors[f"{module}.x"] = result.x.contiguous()  # (ku, q)
+            if result.y is not None:
+                tensors[f"{module}.y"] = result.y.contiguous()  # (q, kv)
+        else:
+            tensors[f"{module}.a"] = result.a.contiguous()  # (q, n)
+            tensors[f"{module}.b"] = result.b.contiguous()  # (m, q)
+    info: dict[str, object] = {**meta, "modules": list(merged),
+                               "energy_kept": {module: result.energy_kept for module, result in merged.items()}}
+    if small:
+        assert bases_file is not None, "factored modules need the bases file they refer to"
+        info.update(factored=small, bases=os.path.relpath(bases_file[0], path.parent), bases_sha256=bases_file[1])
+    _, sha, size = _write_safetensors(path.parent, tensors, {META_KEY: json.dumps(info, sort_keys=True)},
+                                      lambda _: path.name)
+    return sha, size
+
+
+def write_bases(directory: Path, shard: str, bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[Path, str]:
+    """Write one task's bases file, ``<module>.u`` and ``<module>.v`` for each module; (path, sha256).
+
+    Its name carries its hash (``<shard>-<sha256[:16]>.safetensors``): the same bases give the
+    same file, whoever writes it again (a retried or resumed task), and different ones never
+    replace a file that finished shard files still refer to.
+    """
     tensors = {}
-    for module, lowrank in merged.items():
-        tensors[f"{module}.a"] = lowrank.a.contiguous()  # (q, n)
-        tensors[f"{module}.b"] = lowrank.b.contiguous()  # (m, q)
+    for module, (u, v) in bases.items():
+        tensors[f"{module}.u"], tensors[f"{module}.v"] = u.contiguous(), v.contiguous()
+    meta = {META_KEY: json.dumps({"shard": shard, "modules": list(bases)})}
+    path, sha, _ = _write_safetensors(directory, tensors, meta, lambda sha: f"{shard}-{sha[:16]}.safetensors")
+    return path, sha
+
+
+def _write_safetensors(directory: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                       name: Callable[[str], str]) -> tuple[Path, str, int]:
+    """Write a single-dtype safetensors file into ``directory`` through a temp file renamed to
+    ``name(sha256)``; (path, sha256, size)."""
+    directory.mkdir(parents=True, exist_ok=True)
     dtypes = {t.dtype for t in tensors.values()}
     assert len(dtypes) == 1, f"a shard holds one dtype, got {dtypes}"
-    energy = {module: lowrank.energy_kept for module, lowrank in merged.items()}
-    header = json.dumps({**meta, "modules": list(merged), "energy_kept": energy}, sort_keys=True)
     # The bytes safetensors' save_file writes (tested), streamed from the tensors' own memory.
-    chunks = [safetensors_header({k: tuple(t.shape) for k, t in tensors.items()}, dtypes.pop(), {META_KEY: header})]
-    chunks += [tensor_bytes(tensors[name]) for name in sorted(tensors)]
+    chunks = [safetensors_header({k: tuple(t.shape) for k, t in tensors.items()}, dtypes.pop(), metadata)]
+    chunks += [tensor_bytes(tensors[key]) for key in sorted(tensors)]
     digest, size = hashlib.sha256(), 0
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = directory / f".{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with open(tmp, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
                 digest.update(chunk)
                 size += memoryview(chunk).nbytes
+        sha = digest.hexdigest()
+        path = directory / name(sha)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    sha = digest.hexdigest()
     remember_sha256(path, sha)
-    return sha, size
+    return path, sha, size
+
+
+def shard_intact(path: str | Path, sha256: str | None) -> bool:
+    """Whether the shard file at ``path`` exists with ``sha256``, and the bases file it names (if
+    any) with the sha256 it records: what resume and assembly check before they trust a shard."""
+    path = Path(path)
+    try:
+        if sha256 is None or known_sha256(path) != sha256:
+            return False
+        info = _shard_info(path)
+        return "bases" not in info or known_sha256(path.parent / info["bases"]) == info["bases_sha256"]
+    except (OSError, SafetensorError, KeyError, ValueError):  # missing, or not a shard file at all
+        return False
+
+
+def _shard_info(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {})[META_KEY])
 
 
 def read_shard(path: str | Path) -> dict[str, LowRank]:
-    """The merged modules in a shard file, in the order they were written."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})[META_KEY])
-        return {module: LowRank(a=f.get_tensor(f"{module}.a"), b=f.get_tensor(f"{module}.b"),
-                                energy_kept=meta["energy_kept"][module])
-                for module in meta["modules"]}
+    """The merged modules in a shard file, in the order they were written (factored ones expanded)."""
+    return {module: stored.load() for module, stored in stored_modules(path).items()}
 
 
-def stored_modules(path: str | Path) -> dict[str, StoredLowRank]:
+def stored_modules(path: str | Path, *, device: str = "cpu") -> dict[str, StoredLowRank]:
     """The merged modules in a shard file, in the order they were written, each loaded only on demand.
 
-    Shapes and energies come from the file's header; :meth:`StoredLowRank.load` reads one module's
-    two tensors. Assembly hands these to the adapter writer, so the driver holds one module at a time.
+    Shapes and energies come from the file's header (and its bases file's); :meth:`StoredLowRank.load`
+    reads one module's tensors, and multiplies a factored module out on ``device`` (the merging
+    worker's: the products ``coremerge merge`` makes there). Assembly hands these to the adapter
+    writer, so the process that assembles holds one module at a time.
     """
     path = Path(path)
+    info = _shard_info(path)
+    bases = path.parent / info["bases"] if "bases" in info else None
+    factored = set(info.get("factored", ()))
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})[META_KEY])
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    if bases is not None:
+        with safe_open(str(bases), framework="pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
 
     def loader(module: str) -> Callable[[], LowRank]:
         def load() -> LowRank:
-            with safe_open(str(path), framework="pt") as f:
-                return LowRank(a=f.get_tensor(f"{module}.a"), b=f.get_tensor(f"{module}.b"),
-                               energy_kept=meta["energy_kept"][module])
+            energy = info["energy_kept"][module]
+            with safe_open(str(path), framework="pt", device="cpu" if module not in factored else device) as f:
+                if module not in factored:
+                    return LowRank(a=f.get_tensor(f"{module}.a"), b=f.get_tensor(f"{module}.b"), energy_kept=energy)
+                x = f.get_tensor(f"{module}.x")
+                y = f.get_tensor(f"{module}.y") if f"{module}.y" in shapes else None
+            with safe_open(str(bases), framework="pt", device=device) as f:
+                u, v = f.get_tensor(f"{module}.u"), f.get_tensor(f"{module}.v")
+            return FactoredLowRank(u=u, x=x, y=y, v=v, energy_kept=energy).expand()
         return load
 
     out = {}
-    for module in meta["modules"]:
-        (q, n), (m, _) = shapes[f"{module}.a"], shapes[f"{module}.b"]
-        out[module] = StoredLowRank(rank=q, in_features=n, out_features=m, energy_kept=meta["energy_kept"][module],
+    for module in info["modules"]:
+        if module in factored:
+            (m, _), (_, q), (_, n) = shapes[f"{module}.u"], shapes[f"{module}.x"], shapes[f"{module}.v"]
+        else:
+            (q, n), (m, _) = shapes[f"{module}.a"], shapes[f"{module}.b"]
+        out[module] = StoredLowRank(rank=q, in_features=n, out_features=m, energy_kept=info["energy_kept"][module],
                                     loader=loader(module))
     return out
 

@@ -504,12 +504,12 @@ def test_written_weights_hash_is_taken_as_they_are_written(plain, tmp_path, monk
     st = write_adapter(tmp_path / "out", merged, config=config, report=None, dtype=torch.bfloat16) / "adapter_model.safetensors"
     expected = hashlib.sha256(st.read_bytes()).hexdigest()
     monkeypatch.setattr(peft_io, "file_sha256", lambda p: pytest.fail("read back a file this process wrote"))
-    assert peft_io.written_sha256(st) == expected
+    assert peft_io.known_sha256(st) == expected
     monkeypatch.undo()
     st.write_bytes(st.read_bytes()[:-2] + b"\0\0")  # rewritten in place: read and hashed again
     stat = st.stat()  # (a newer mtime for sure: the kernel's clock for it is coarse)
     os.utime(st, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert peft_io.written_sha256(st) == hashlib.sha256(st.read_bytes()).hexdigest() != expected
+    assert peft_io.known_sha256(st) == hashlib.sha256(st.read_bytes()).hexdigest() != expected
 
 
 def test_stored_modules_are_loaded_one_at_a_time(plain, tmp_path):

@@ -125,6 +125,16 @@ def test_sweep_then_resume(tmp_path, adapters, one_thread, capsys):
     assert {again[k]["attempt"] for k in again if k != damaged} == {1}
     for spec in job.merges:
         assert_same_adapter(job.output_dir / spec.name, refs[spec.name])
+    # the sweep's shard files share one bases file per layer; one damaged: that layer is redone for
+    # every member (one task), nothing else, and the adapters are the same
+    bases = sorted((job.output_dir / ".shards" / ".bases").glob("*/layer-*.safetensors"))
+    assert [b.name.split("-")[1] for b in bases] == ["000", "001", "002"]
+    bases[2].write_bytes(b"garbage")
+    assert run_job_file(path) == 0
+    third = rows(job.output_dir)
+    assert {k for k in again if third[k]["finished_at"] != again[k]["finished_at"]} == {(n, "layer-002") for n in refs}
+    for spec in job.merges:
+        assert_same_adapter(job.output_dir / spec.name, refs[spec.name])
     capsys.readouterr()
     assert status_file(path) == 0
     lines = capsys.readouterr().out.splitlines()

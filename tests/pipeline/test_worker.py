@@ -17,7 +17,7 @@ from coremerge.peft_io import file_sha256
 from coremerge.types import LowRank
 from pipeline.config import load_job
 from pipeline.plan import make_plan, work_of
-from pipeline.worker import read_shard, run_shard
+from pipeline.worker import read_shard, run_shard, shard_intact, storage_plan
 
 from pipeline_helpers import poison, write_job
 
@@ -71,6 +71,7 @@ def test_shard_equals_library_merge(tmp_path, adapters):
         shard = read_shard(path)
         assert list(shard) == list(task.modules)
         for module, got in shard.items():
+            got = got.to(dtype=parse_dtype(spec.out_dtype))  # as the adapter writer casts it
             want = merge_module_of(srcs, module, spec.options).to(dtype=parse_dtype(spec.out_dtype), device="cpu")
             assert got.a.dtype == want.a.dtype and torch.equal(got.a, want.a) and torch.equal(got.b, want.b)
             assert got.energy_kept == want.energy_kept
@@ -109,11 +110,23 @@ sweeps:
     assert {r["status"] for r in records} == {"done"}
     assert sorted(calls) == sorted(["dare", "tsv"] * len(task.modules))  # not once per alpha or rank
     monkeypatch.setattr(CoreSpace, "merge_core", original)
+    # 12 members share one bases file (u, v of every module, once); each shard file holds its small factors
+    [bases] = (job.output_dir / ".shards" / ".bases").glob("*/layer-001-*.safetensors")
+    shapes = {m: next(src.modules[m] for src in srcs if m in src.modules) for m in task.modules}
+    plain = sum((shapes[m].out_features + shapes[m].in_features) * q * parse_dtype(job.merge(r["merge"]).out_dtype).itemsize
+                for r in records for m, q in zip(task.modules, r["ranks"]))  # their LoRA factors, 12 times
+    assert sum(r["bytes"] for r in records) + bases.stat().st_size < plain  # tiny modules here: 1B ones, 7x less
+    assert storage_plan(work_of(job, plan, task, task.merges[:1]), srcs) == frozenset()  # one merge: plain
     for record in records:  # and each member is, bit for bit, the library's merge at its own alpha and rank
         spec = job.merge(record["merge"])
-        for module, got in read_shard(job.output_dir / plan.units[(spec.name, task.shard)].path).items():
+        path = job.output_dir / plan.units[(spec.name, task.shard)].path
+        assert shard_intact(path, record["sha256"])
+        for module, got in read_shard(path).items():
+            got = got.to(dtype=parse_dtype(spec.out_dtype))
             want = merge_module_of(srcs, module, spec.options).to(dtype=parse_dtype(spec.out_dtype), device="cpu")
             assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b), (spec.name, module)
+    bases.write_bytes(bases.read_bytes()[:-4] + b"\0\0\0\0")  # a torn bases file: its shards are not intact
+    assert not any(shard_intact(job.output_dir / plan.units[(r["merge"], task.shard)].path, r["sha256"]) for r in records)
 
 
 def test_rerun_writes_identical_bytes(tmp_path, adapters):
@@ -181,17 +194,17 @@ def test_shard_hash_is_remembered_only_while_the_file_is_unchanged(tmp_path, mon
     sha, _ = worker.write_shard(path, {"m": LowRank(a=torch.ones(2, 3), b=torch.ones(4, 2))}, meta={"merge": "x"})
     assert sha == file_sha256(path)
     monkeypatch.setattr(peft_io, "file_sha256", lambda p: pytest.fail("read a file this process just wrote"))
-    assert peft_io.written_sha256(path) == sha
+    assert peft_io.known_sha256(path) == sha
     monkeypatch.undo()
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # same size, other bytes, another modification time
     path.write_bytes(bytes(data))
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert peft_io.written_sha256(path) == file_sha256(path) != sha
+    assert peft_io.known_sha256(path) == file_sha256(path) != sha
     other = tmp_path / "other.safetensors"  # written by anyone else: always read and hashed
     other.write_bytes(path.read_bytes())
-    assert peft_io.written_sha256(other) == file_sha256(other)
+    assert peft_io.known_sha256(other) == file_sha256(other)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
