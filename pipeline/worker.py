@@ -74,8 +74,8 @@ def storage_plan(work: ShardWork, sources: Sequence[AdapterSource]) -> frozenset
 
     Its core-space merges, when the bases once plus each merge's small factors take fewer bytes
     than each merge's LoRA factors (from the adapters' shapes: ranks sum to k per module);
-    otherwise none. With float32 compute and bfloat16 output that is a sweep of 3 or more merges;
-    a single merge keeps the plain form.
+    otherwise none. With float32 compute that is from 3 merges up for bfloat16 output, from 2 for
+    float32 output; a single merge keeps the plain form.
 
     Example:
         >>> storage_plan(sweep_of_16, sources)  # doctest: +SKIP
@@ -335,13 +335,13 @@ def stored_modules(path: str | Path, *, device: str = "cpu") -> dict[str, Stored
     def loader(module: str) -> Callable[[], LowRank]:
         def load() -> LowRank:
             energy = info["energy_kept"][module]
-            with safe_open(str(path), framework="pt", device="cpu" if module not in factored else device) as f:
+            with safe_open(str(path), framework="pt") as f:
                 if module not in factored:
                     return LowRank(a=f.get_tensor(f"{module}.a"), b=f.get_tensor(f"{module}.b"), energy_kept=energy)
-                x = f.get_tensor(f"{module}.x")
-                y = f.get_tensor(f"{module}.y") if f"{module}.y" in shapes else None
-            with safe_open(str(bases), framework="pt", device=device) as f:
-                u, v = f.get_tensor(f"{module}.u"), f.get_tensor(f"{module}.v")
+                x = f.get_tensor(f"{module}.x").to(device)
+                y = f.get_tensor(f"{module}.y").to(device) if f"{module}.y" in shapes else None
+            with safe_open(str(bases), framework="pt") as f:
+                u, v = f.get_tensor(f"{module}.u").to(device), f.get_tensor(f"{module}.v").to(device)
             return FactoredLowRank(u=u, x=x, y=y, v=v, energy_kept=energy).expand()
         return load
 
