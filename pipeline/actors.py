@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
+from coremerge.allocator import keep_freed_memory
 from coremerge.merge import open_all
 from coremerge.peft_io import AdapterSource
 
@@ -41,6 +42,7 @@ class MergeWorker:
     """Runs shards on this process's device (started and supervised by :class:`WorkerPool`)."""
 
     def __init__(self, num_cpus: float, num_gpus: float, hooks: Mapping[str, str]) -> None:
+        keep_freed_memory()  # this process is ours for the job: tensors reuse pages instead of faulting in new ones
         torch.set_num_threads(max(1, int(num_cpus)))
         self.device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if num_gpus > 0 and self.device == "cpu":

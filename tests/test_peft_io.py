@@ -566,6 +566,28 @@ def test_config_falls_back_to_module_list_and_agrees_only_on_common_fields(root,
     assert adapter_config_for(sources[1:], {Q0: 2})["task_type"] == "CAUSAL_LM"
 
 
+def test_weights_file_is_opened_once_per_version(plain, tmp_path, monkeypatch):
+    # Reading module after module opens (and parses the header of) the file once; a rewritten file
+    # (another version) is opened again and its new values are read.
+    import coremerge.peft_io as peft_io
+
+    copy = tmp_path / "copy"
+    shutil.copytree(plain, copy)
+    opened = []
+    real = peft_io.safe_open
+    monkeypatch.setattr(peft_io, "safe_open", lambda path, **kw: opened.append(path) or real(path, **kw))
+    src = open_adapter(copy)
+    opened.clear()  # (open_adapter may read the header its own way)
+    first = {m: load_factors(src, m) for m in list(src.modules)[:3]}
+    assert len(opened) == 1
+    tensors = safetensors.torch.load_file(str(src.weights_file))
+    safetensors.torch.save_file({k: 2 * t for k, t in tensors.items()}, str(src.weights_file), metadata={"format": "pt"})
+    again = {m: load_factors(src, m) for m in first}
+    assert len(opened) == 2
+    for m in first:
+        assert torch.equal(again[m].a, 2 * first[m].a)
+
+
 def test_input_sha256_is_the_files_hash_and_follows_a_rewrite(tmp_path):
     from coremerge.peft_io import input_sha256
 
