@@ -184,9 +184,7 @@ def factor_dense(delta: Tensor, rank: int | None) -> LowRank:
     """
     u, s, vh = thin_svd(delta)  # (m, d), (d,), (d, n)
     q = s.shape[0] if rank is None else min(rank, s.shape[0])
-    total = float((s * s).sum())
-    kept = float((s[:q] * s[:q]).sum())
-    energy = None if rank is None else (1.0 if total == 0.0 else kept / total)
+    energy = None if rank is None else _energy(s, q)
     if q == 0:  # an all-zero update still needs rank >= 1 to be a LoRA module
         q, u, s, vh = 1, delta.new_zeros(delta.shape[0], 1), delta.new_zeros(1), delta.new_zeros(1, delta.shape[1])
     return LowRank(a=vh[:q], b=u[:, :q] * s[:q], energy_kept=energy)
