@@ -457,7 +457,7 @@ def _tensor_reader(src: AdapterSource) -> Iterator[Callable[..., Tensor]]:
         return
     try:
         st = os.stat(src.weights_file)
-        start, entries = _safetensors_index(str(src.weights_file), st.st_size, st.st_mtime_ns, st.st_ino)
+        start, entries, _ = _safetensors_index(str(src.weights_file), st.st_size, st.st_mtime_ns, st.st_ino)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AdapterError(f"adapter {src.name!r}: {src.weights_file.name} cannot be opened ({exc})") from exc
 
@@ -473,16 +473,36 @@ def _tensor_reader(src: AdapterSource) -> Iterator[Callable[..., Tensor]]:
 
 
 @functools.lru_cache(maxsize=64)
-def _safetensors_index(path: str, size: int, mtime_ns: int, inode: int) -> tuple[int, dict[str, tuple]]:
-    """(where the data starts, {key: (torch dtype, shape, begin, end)}) of a safetensors file, per version
-    of the file: its header is parsed once, not once per module (a 1B merge reads 112 modules from each
-    adapter). open_adapter has checked the header against the file and safetensors' own reader."""
+def _safetensors_index(path: str, size: int, mtime_ns: int, inode: int) -> tuple[int, dict[str, tuple], dict[str, str]]:
+    """(where the data starts, {key: (torch dtype, shape, begin, end)}, metadata) of a safetensors file,
+    per version of the file: its header is parsed once, not once per module (a 1B merge reads 112
+    modules from each adapter). open_adapter has checked an adapter's header against the file and
+    safetensors' own reader; the pipeline's shard files are checked against their sha256 first."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     return 8 + n, {key: (_ST_FLOATS[info["dtype"]], tuple(int(d) for d in info["shape"]), *info["data_offsets"])
-                   for key, info in header.items() if info["dtype"] in _ST_FLOATS}
+                   for key, info in header.items() if info["dtype"] in _ST_FLOATS}, metadata
+
+
+def safetensors_index(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({key: shape} of a safetensors file's float tensors, its metadata), from its header alone."""
+    st = os.stat(path)
+    _, entries, metadata = _safetensors_index(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return {key: entry[1] for key, entry in entries.items()}, dict(metadata)
+
+
+def read_tensors(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, Tensor]:
+    """Tensors of a safetensors file, each read with one read() into memory of its own (nothing stays
+    mapped); the header is parsed once per version of the file."""
+    st = os.stat(path)
+    start, entries, _ = _safetensors_index(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    out = {}
+    for key in keys:
+        dtype, shape, begin, stop = entries[key]
+        out[key] = _read_span(Path(path), start + begin, stop - begin, dtype, shape)
+    return out
 
 
 def _read_span(path: Path, offset: int, size: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:

@@ -38,11 +38,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
-from coremerge.peft_io import (AdapterSource, all_finite, known_sha256, remember_sha256, safetensors_header,
-                               tensor_bytes)
+from coremerge.peft_io import (AdapterSource, all_finite, known_sha256, read_tensors, remember_sha256,
+                               safetensors_header, safetensors_index, tensor_bytes)
 from coremerge.types import FactoredLowRank, LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
@@ -300,13 +299,12 @@ def shard_intact(path: str | Path, sha256: str | None) -> bool:
             return False
         info = _shard_info(path)
         return "bases" not in info or known_sha256(path.parent / info["bases"]) == info["bases_sha256"]
-    except (OSError, SafetensorError, KeyError, ValueError):  # missing, or not a shard file at all
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, or not a shard file at all
         return False
 
 
 def _shard_info(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {})[META_KEY])
+    return json.loads(safetensors_index(path)[1][META_KEY])
 
 
 def read_shard(path: str | Path) -> dict[str, LowRank]:
@@ -323,26 +321,25 @@ def stored_modules(path: str | Path, *, device: str = "cpu") -> dict[str, Stored
     writer, so the process that assembles holds one module at a time.
     """
     path = Path(path)
-    info = _shard_info(path)
+    shapes, metadata = safetensors_index(path)
+    info = json.loads(metadata[META_KEY])
     bases = path.parent / info["bases"] if "bases" in info else None
     factored = set(info.get("factored", ()))
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     if bases is not None:
-        with safe_open(str(bases), framework="pt") as f:
-            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        shapes.update(safetensors_index(bases)[0])
 
     def loader(module: str) -> Callable[[], LowRank]:
         def load() -> LowRank:
             energy = info["energy_kept"][module]
-            with safe_open(str(path), framework="pt") as f:
-                if module not in factored:
-                    return LowRank(a=f.get_tensor(f"{module}.a"), b=f.get_tensor(f"{module}.b"), energy_kept=energy)
-                x = f.get_tensor(f"{module}.x").to(device)
-                y = f.get_tensor(f"{module}.y").to(device) if f"{module}.y" in shapes else None
-            with safe_open(str(bases), framework="pt") as f:
-                u, v = f.get_tensor(f"{module}.u").to(device), f.get_tensor(f"{module}.v").to(device)
-            return FactoredLowRank(u=u, x=x, y=y, v=v, energy_kept=energy).expand()
+            if module not in factored:
+                t = read_tensors(path, [f"{module}.a", f"{module}.b"])
+                return LowRank(a=t[f"{module}.a"], b=t[f"{module}.b"], energy_kept=energy)
+            small = read_tensors(path, [key for key in (f"{module}.x", f"{module}.y") if key in shapes])
+            uv = read_tensors(bases, [f"{module}.u", f"{module}.v"])
+            y = small.get(f"{module}.y")
+            return FactoredLowRank(u=uv[f"{module}.u"].to(device), x=small[f"{module}.x"].to(device),
+                                   y=None if y is None else y.to(device), v=uv[f"{module}.v"].to(device),
+                                   energy_kept=energy).expand()
         return load
 
     out = {}
