@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from coremerge.peft_io import file_sha256
@@ -24,8 +24,9 @@ from coremerge.peft_io import file_sha256
 from pipeline.assemble import WEIGHTS_NAME, AssemblyWork, assemble
 from pipeline.config import JobSpec, JobSpecError, Sources, load_job
 from pipeline.manifest import JobBusyError, Key, Manifest, job_lock, read_manifest
-from pipeline.plan import Plan, Task, make_plan, work_of
+from pipeline.plan import BASES_DIR, SHARD_DIR, Plan, Task, make_plan, work_of
 from pipeline.progress import Progress, status_table
+from pipeline.worker import bases_of
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,9 @@ def run_job(job: JobSpec, sources: Sources, *,
             run.schedule(tasks, todo)
     finally:
         manifest.save()
+    removed = prune_bases(job.output_dir, manifest.rows.values())
+    if removed:
+        progress.event("bases_pruned", files=len(removed))
     failed = sorted(run.failed)
     progress.close(failed_merges=failed, worker_max_rss_mb=run.worker_max_rss(),
                    output_dir=str(job.output_dir))
@@ -317,6 +321,31 @@ class _Run:
     def worker_max_rss(self) -> float | None:
         values = [float(r["max_rss_mb"]) for r in self.manifest.rows.values() if r.get("max_rss_mb") is not None]
         return max(values) if values else None
+
+
+def prune_bases(output_dir: Path, rows: Iterable[Mapping[str, object]]) -> list[Path]:
+    """Delete the bases files (and temp files) under ``output_dir/.shards/.bases`` that no finished
+    shard names: those of earlier runs whose adapters or device changed. Run when no task is in
+    flight; returns what it deleted. A shard whose file cannot be read is not finished (the next
+    run redoes it and writes its bases again)."""
+    root = output_dir / SHARD_DIR / BASES_DIR
+    if not root.is_dir():
+        return []
+    keep = set()
+    for row in rows:
+        if row["status"] == "done" and row["path"]:
+            try:
+                bases = bases_of(output_dir / str(row["path"]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if bases is not None:
+                keep.add(bases.resolve())
+    removed = []
+    for path in sorted(root.glob("*/*")):
+        if path.is_file() and path.resolve() not in keep:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _failed(merge: str, shard: str, error: str) -> dict[str, object]:

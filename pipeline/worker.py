@@ -303,6 +303,13 @@ def shard_intact(path: str | Path, sha256: str | None) -> bool:
         return False
 
 
+def bases_of(path: str | Path) -> Path | None:
+    """The bases file a shard file names, if it names one; OSError/ValueError if it is unreadable."""
+    path = Path(path)
+    info = _shard_info(path)
+    return path.parent / info["bases"] if "bases" in info else None
+
+
 def _shard_info(path: Path) -> dict:
     return json.loads(safetensors_index(path)[1][META_KEY])
 

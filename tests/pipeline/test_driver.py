@@ -130,7 +130,12 @@ def test_sweep_then_resume(tmp_path, adapters, one_thread, capsys):
     bases = sorted((job.output_dir / ".shards" / ".bases").glob("*/layer-*.safetensors"))
     assert [b.name.split("-")[1] for b in bases] == ["000", "001", "002"]
     bases[2].write_bytes(b"garbage")
+    orphan = bases[0].with_name("layer-000-0123456789abcdef.safetensors")  # an earlier run's, other adapters
+    orphan.write_bytes(bases[0].read_bytes())
+    (bases[0].parent / ".123.456.tmp").write_bytes(b"left by a killed writer")
     assert run_job_file(path) == 0
+    # no finished shard names the orphan or the temp file: deleted at the end; the three in use stay
+    assert sorted(bases[0].parent.iterdir()) == bases
     third = rows(job.output_dir)
     assert {k for k in again if third[k]["finished_at"] != again[k]["finished_at"]} == {(n, "layer-002") for n in refs}
     for spec in job.merges:
