@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -145,9 +146,9 @@ def run_job(job: JobSpec, sources: Sources, *,
             run.schedule(tasks, todo)
     finally:
         manifest.save()
-    removed = prune_bases(job.output_dir, manifest.rows.values())
+    removed = prune_shards(job.output_dir, manifest.rows.values(), [m.name for m in job.merges])
     if removed:
-        progress.event("bases_pruned", files=len(removed))
+        progress.event("shards_pruned", paths=len(removed))
     failed = sorted(run.failed)
     progress.close(failed_merges=failed, worker_max_rss_mb=run.worker_max_rss(),
                    output_dir=str(job.output_dir))
@@ -323,13 +324,18 @@ class _Run:
         return max(values) if values else None
 
 
-def prune_bases(output_dir: Path, rows: Iterable[Mapping[str, object]]) -> list[Path]:
-    """Delete the bases files (and temp files) under ``output_dir/.shards/.bases`` that no finished
-    shard names: those of earlier runs whose adapters or device changed. Run when no task is in
-    flight; returns what it deleted. A shard whose file cannot be read is not finished (the next
-    run redoes it and writes its bases again)."""
-    root = output_dir / SHARD_DIR / BASES_DIR
-    if not root.is_dir():
+def prune_shards(output_dir: Path, rows: Iterable[Mapping[str, object]], merges: Iterable[str]) -> list[Path]:
+    """Delete what under ``output_dir/.shards`` no longer serves the job; returns what it deleted.
+
+    That is: the shard directories of merges the job no longer has (their manifest rows were
+    dropped when the job changed; their adapter directories stay), the bases files that no finished
+    shard names (an earlier run's, before its adapters changed), and temp files that killed writers
+    left. Run it when no task is in flight. A shard whose file cannot be read is not finished (the
+    next run redoes it and writes its bases again). Merge names never start with '.', so
+    ``.shards/.bases`` is no merge's directory.
+    """
+    shards = output_dir / SHARD_DIR
+    if not shards.is_dir():
         return []
     keep = set()
     for row in rows:
@@ -340,8 +346,17 @@ def prune_bases(output_dir: Path, rows: Iterable[Mapping[str, object]]) -> list[
                 continue
             if bases is not None:
                 keep.add(bases.resolve())
-    removed = []
-    for path in sorted(root.glob("*/*")):
+    wanted, removed = set(merges), []
+    for directory in sorted(shards.iterdir()):
+        if directory.is_dir() and not directory.name.startswith(".") and directory.name not in wanted:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+        elif directory.is_dir() and directory.name in wanted:
+            stale = [f for f in directory.iterdir() if f.name.startswith(".") and f.name.endswith(".tmp")]
+            for f in stale:
+                f.unlink(missing_ok=True)
+            removed += stale
+    for path in sorted((shards / BASES_DIR).glob("*/*")):
         if path.is_file() and path.resolve() not in keep:
             path.unlink(missing_ok=True)
             removed.append(path)

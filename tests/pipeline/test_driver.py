@@ -189,3 +189,32 @@ def test_failing_merge_does_not_stop_the_batch(tmp_path, adapters, one_thread, c
     assert any(line.split()[:3] == ["bad", "1/3", "failed"] or line.split()[:2] == ["bad", "2/3"] for line in
                out.splitlines()), out
     assert "bad layer-001 (attempt 1): " in out and "NaN" in out
+
+
+def test_prune_shards_keeps_what_the_job_uses(tmp_path):
+    import torch
+
+    from coremerge.types import FactoredLowRank, LowRank
+    from pipeline.driver import prune_shards
+    from pipeline.worker import write_bases, write_shard
+
+    out = tmp_path / "out"
+    u, v = torch.eye(4)[:, :2].contiguous(), torch.eye(2, 5)
+    bases_dir = out / ".shards" / ".bases" / "set-1"
+    used = write_bases(bases_dir, "layer-000", {"m": (u, v)})
+    stale, _ = write_bases(bases_dir, "layer-000", {"m": (2 * u, v)})  # an earlier run's bases
+    factored = {"m": FactoredLowRank(u=u, x=torch.eye(2), y=None, v=v)}
+    sha, _ = write_shard(out / ".shards" / "a" / "layer-000.safetensors", factored, meta={}, bases_file=used)
+    write_shard(out / ".shards" / "gone" / "layer-000.safetensors",  # a merge no longer in the job
+                {"m": LowRank(a=torch.ones(1, 5), b=torch.ones(4, 1))}, meta={})
+    leftover = out / ".shards" / "a" / ".123.456.tmp"
+    leftover.write_bytes(b"a killed writer's")
+    (out / "gone").mkdir()  # the merged adapter directory of a removed merge: never touched
+    rows = [{"merge": "a", "shard": "layer-000", "status": "done", "path": ".shards/a/layer-000.safetensors",
+             "sha256": sha}]
+    removed = prune_shards(out, rows, ["a", "b"])
+    assert set(removed) == {out / ".shards" / "gone", leftover, stale}
+    assert used[0].is_file() and (out / ".shards" / "a" / "layer-000.safetensors").is_file() and (out / "gone").is_dir()
+    assert prune_shards(out, rows, ["a", "b"]) == []  # nothing more to do
+    # a shard not finished does not keep its bases: the next run writes them again
+    assert prune_shards(out, [{**rows[0], "status": "running"}], ["a"]) == [used[0]]
