@@ -147,9 +147,8 @@ def factor_between(u: Tensor, core: Tensor, v: Tensor | None, rank: int | None) 
     if v is None:
         if rank is None:
             return LowRank(a=core, b=u)  # (d, n), (m, d)
-        p, s, qh = thin_svd(core)  # (ku, d), (d,), (d, n)
-        q = min(rank, s.shape[0])
-        return LowRank(a=qh[:q], b=u @ (p[:, :q] * s[:q]), energy_kept=_energy(s, q))
+        x, y, energy = _truncated(core, rank)
+        return LowRank(a=y, b=u @ x, energy_kept=energy)
     return factor_core(u, core, v, rank).expand()
 
 
@@ -165,10 +164,15 @@ def factor_core(u: Tensor, core: Tensor, v: Tensor, rank: int | None) -> Factore
     u, v = u.contiguous(), v.contiguous()
     if rank is None:
         return FactoredLowRank(u=u, x=core.contiguous(), y=None, v=v)
+    x, y, energy = _truncated(core, rank)
+    return FactoredLowRank(u=u, x=x.contiguous(), y=y.contiguous(), v=v, energy_kept=energy)
+
+
+def _truncated(core: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """The best rank-``rank`` split of ``core = p s qᵀ``: (p_q s_q, q_qᵀ, share of the energy kept)."""
     p, s, qh = thin_svd(core)  # (ku, d), (d,), (d, kv)
     q = min(rank, s.shape[0])
-    return FactoredLowRank(u=u, x=(p[:, :q] * s[:q]).contiguous(), y=qh[:q].contiguous(), v=v,
-                           energy_kept=_energy(s, q))
+    return p[:, :q] * s[:q], qh[:q], _energy(s, q)
 
 
 def _energy(s: Tensor, q: int) -> float:

@@ -169,7 +169,7 @@ def build_report(sources: Sequence[peft_io.AdapterSource], options: MergeOptions
         "coremerge_version": __version__,
         "inputs": [
             {"adapter": src.name, "path": str(src.path), "weights_file": src.weights_file.name,
-             "sha256": peft_io.input_sha256(src.weights_file), "peft_type": src.peft_type,
+             "sha256": peft_io.known_sha256(src.weights_file), "peft_type": src.peft_type,
              "modules": len(src.modules), "dtype": dtype_name(src.dtype)}
             for src in sources
         ],

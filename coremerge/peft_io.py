@@ -456,15 +456,13 @@ def _tensor_reader(src: AdapterSource) -> Iterator[Callable[..., Tensor]]:
         yield get_bin
         return
     try:
-        st = os.stat(src.weights_file)
-        start, entries, _ = _safetensors_index(str(src.weights_file), st.st_size, st.st_mtime_ns, st.st_ino)
+        start, entries, _ = _index(src.weights_file)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AdapterError(f"adapter {src.name!r}: {src.weights_file.name} cannot be opened ({exc})") from exc
 
     def get_st(key: str, rows: int | None = None, cols: int | None = None) -> Tensor:
-        dtype, shape, begin, stop = entries[key]
         try:
-            t = _read_span(src.weights_file, start + begin, stop - begin, dtype, shape)
+            t = _read_entry(src.weights_file, start, entries[key])
         except OSError as exc:
             raise AdapterError(f"adapter {src.name!r}: {src.weights_file.name}: cannot read tensor {key!r} ({exc})") from exc
         return t if rows is None and cols is None else (t[:rows] if cols is None else t[:rows, :cols])
@@ -486,23 +484,28 @@ def _safetensors_index(path: str, size: int, mtime_ns: int, inode: int) -> tuple
                    for key, info in header.items() if info["dtype"] in _ST_FLOATS}, metadata
 
 
+def _index(path: str | os.PathLike) -> tuple[int, dict[str, tuple], dict[str, str]]:
+    """:func:`_safetensors_index` of the file's current version."""
+    return _safetensors_index(str(path), *_file_version(Path(path)))
+
+
 def safetensors_index(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """({key: shape} of a safetensors file's float tensors, its metadata), from its header alone."""
-    st = os.stat(path)
-    _, entries, metadata = _safetensors_index(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    _, entries, metadata = _index(path)
     return {key: entry[1] for key, entry in entries.items()}, dict(metadata)
 
 
 def read_tensors(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, Tensor]:
     """Tensors of a safetensors file, each read with one read() into memory of its own (nothing stays
     mapped); the header is parsed once per version of the file."""
-    st = os.stat(path)
-    start, entries, _ = _safetensors_index(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    out = {}
-    for key in keys:
-        dtype, shape, begin, stop = entries[key]
-        out[key] = _read_span(Path(path), start + begin, stop - begin, dtype, shape)
-    return out
+    start, entries, _ = _index(path)
+    return {key: _read_entry(Path(path), start, entries[key]) for key in keys}
+
+
+def _read_entry(path: Path, start: int, entry: tuple) -> Tensor:
+    """One tensor of a safetensors file from its :func:`_safetensors_index` entry."""
+    dtype, shape, begin, stop = entry
+    return _read_span(path, start + begin, stop - begin, dtype, shape)
 
 
 def _read_span(path: Path, offset: int, size: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -656,8 +659,6 @@ def known_sha256(path: str | os.PathLike) -> str:
     return sha
 
 
-input_sha256 = known_sha256  # the name merge reports use for their inputs' hashes
-
 
 # ----------------------------------------------------------------------------------------------- writing
 def _module_pattern(module: str) -> str:
@@ -786,14 +787,10 @@ def tensor_bytes(t: Tensor) -> memoryview:
 def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
                    layout: Mapping[str, tuple[str, str, tuple[int, int]]], dtype: torch.dtype,
                    metadata: Mapping[str, str]) -> str:
-    """Write a safetensors file one module at a time, byte for byte what ``safetensors.torch.save_file`` writes;
-    returns the sha256 of the bytes written (hashed on the way out: the file is not read back).
-
-    The file is an 8-byte little-endian header length, a JSON header (``__metadata__`` first, then
-    each tensor's dtype, shape and data offsets, tensors sorted by name, as safetensors sorts a
-    single-dtype file) padded with spaces to a multiple of 8, then the tensors' bytes in that order.
-    Only one module's tensors are in memory at a time (tests/test_peft_io.py compares the bytes with
-    save_file's).
+    """Write a safetensors file one module at a time, byte for byte what ``safetensors.torch.save_file`` writes
+    (:func:`safetensors_header`, then the tensors' bytes in name order); returns the sha256 of the bytes
+    written (hashed on the way out: the file is not read back). Only one module's tensors are in memory
+    at a time (tests/test_peft_io.py compares the bytes with save_file's).
     """
     names = sorted(layout)
     text = safetensors_header({name: layout[name][2] for name in names}, dtype, metadata)

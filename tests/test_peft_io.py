@@ -591,7 +591,7 @@ def test_weights_header_is_parsed_once_per_version_and_nothing_stays_mapped(plai
 
 
 def test_input_sha256_is_the_files_hash_and_follows_a_rewrite(tmp_path):
-    from coremerge.peft_io import input_sha256
+    from coremerge.peft_io import known_sha256 as input_sha256
 
     f = tmp_path / "adapter_model.safetensors"
     f.write_bytes(b"first version")
