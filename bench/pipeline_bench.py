@@ -13,7 +13,8 @@ summary (medians) is printed as Markdown rows.
 - 8b:    the 8-adapter Llama-3-8B tsv merge through the pipeline, against ``coremerge merge`` on
          the same adapters in one process (the library); target pipeline <= 1.5x once Ray is up.
 - batch: 16 merges of 4 Llama-3.2-1B adapters with 1 and with 2 workers; target 2 workers >= 1.7x
-         the throughput (merges per second after Ray is up) of 1.
+         the throughput (merges per second after Ray is up) of 1. Three batches: 16 adapter sets
+         (links to the same 4 files), 16 sets of 64 distinct files, and 16 merges of one set.
 - sweep: one sweep of 16 (method, alpha) combinations against the same 16 merges with nothing
          shared, in one job; target >= 3x faster. Two sweeps: the issue's example (ta, ties, tsv,
          iso_c x alpha 0.3, 0.5, 0.7, 0.9) and one over all 8 methods x alpha 0.5, 1.0. The first
@@ -151,6 +152,7 @@ def main() -> None:
                         f"vs library {lw:.1f} s | **{p / lw:.2f}x** (target <= 1.5x) |")
         elif which == "batch":  # 16 adapter sets, then 16 merges of one set (bases shared)
             for tag, what in (("-sets", "16 merges, each of its own set of 4 x 1B adapters"),
+                              ("-distinct", "16 merges, each of its own set of 4 x 1B adapters, 64 distinct files"),
                               ("", "16 merges of one set of 4 x 1B adapters (bases shared)")):
                 w1, w2 = alternate(lambda t=tag: run_job(f"batch16{t}-w1"), lambda t=tag: run_job(f"batch16{t}-w2"), args.runs)
                 t1, t2 = median(w1, "elapsed_s"), median(w2, "elapsed_s")

@@ -7,6 +7,9 @@
                     one adapter set, so its bases are shared as in a sweep.
 - batch16-sets-w1/-w2: the same 16 merges, each of its own adapter set (the 4 adapters under other
                     paths, as separate16), so nothing is shared: an overnight batch of adapter sets.
+- batch16-distinct-w1/-w2: the same 16 merges over 16 sets of 4 distinct adapters (64 adapter
+                    files, 1.4 GB): as batch16-sets, but every input is a file of its own, read from
+                    disk once, as in a real batch (batch16-sets' 16 sets are links to the same 4 files).
 - sweep16.yaml:     one sweep of 16 (method, alpha) combinations over one adapter set (shared bases):
                     the 8 methods x alpha 0.5, 1.0.
 - sweep16-grid.yaml: the issue's example sweep, 4 methods (ta, ties, tsv, iso_c) x 4 alphas (0.3 ... 0.9).
@@ -71,6 +74,11 @@ def main() -> None:
             for workers in (1, 2):
                 write(f"batch16-sets-w{workers}.yaml", f"output_dir: {JOBS / f'out-batch-sets-w{workers}'}\n"
                                                        f"workers: {workers}\ncpus_per_worker: 1\nmerges:\n{separate}")
+    distinct = adapter_set("llama3.2-1b", count=4 * len(COMBOS))
+    batch = "".join(merge_entry(f"{m}-a{a}", distinct[4 * i:4 * i + 4], m, a) for i, (m, a) in enumerate(COMBOS))
+    for workers in (1, 2):
+        write(f"batch16-distinct-w{workers}.yaml", f"output_dir: {JOBS / f'out-batch-distinct-w{workers}'}\n"
+                                                   f"workers: {workers}\ncpus_per_worker: 1\nmerges:\n{batch}")
     seventy = adapter_set("llama3-70b")
     write("70b.yaml", f"output_dir: {JOBS / 'out-70b'}\nworkers: 1\nmerges:\n" + merge_entry("ta", seventy, "ta", 1.0))
 
