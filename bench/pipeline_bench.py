@@ -21,6 +21,8 @@ summary (medians) is printed as Markdown rows.
          also against 16 ``coremerge merge`` commands run one after another (whole processes).
 - 70b:   a Llama-3-70B-shaped 4-adapter ta merge (80 layers, r=16); targets: driver peak RSS
          under 1 GB, worker under 2 GB.
+- 8b-gpu: (a machine with a GPU; bench/gpu/run.sh) the 8B merge through the pipeline on one GPU worker
+         against ``coremerge merge --device cuda``, and both against the same merge on the CPU.
 """
 
 from __future__ import annotations
@@ -81,12 +83,12 @@ def run_job(name: str) -> dict:
             "worker_max_rss_mb": last.get("worker_max_rss_mb"), "caches_dropped": dropped}
 
 
-def run_library_8b() -> dict:
-    """The same 8B merge with ``coremerge merge`` in one process."""
+def run_library_8b(device: str = "cpu") -> dict:
+    """The same 8B merge with ``coremerge merge`` in one process (on ``device``)."""
     spec = yaml.safe_load((JOBS / "8b.yaml").read_text())["merges"][0]
-    out = HERE / ".cache" / "jobs" / "out-8b-library"
-    cmd = ["coremerge", "merge", *spec["adapters"], "--out", str(out), "--method", spec["method"],
-           "--alpha", str(spec["alpha"]), "--force"]
+    out = library_out(device)
+    cmd = [sys.executable, "-m", "coremerge", "merge", *spec["adapters"], "--out", str(out), "--method", spec["method"],
+           "--alpha", str(spec["alpha"]), "--device", device, "--force"]
     shutil.rmtree(out, ignore_errors=True)
     dropped = settle()
     start = time.perf_counter()
@@ -95,7 +97,34 @@ def run_library_8b() -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"coremerge merge exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
     timings = json.loads((out / "merge_report.json").read_text())["timings_s"]
-    return {"job": "8b-library", "wall_s": round(wall, 2), "timings_s": timings, "caches_dropped": dropped}
+    job = "8b-library" if device == "cpu" else f"8b-library-{device}"
+    return {"job": job, "wall_s": round(wall, 2), "timings_s": timings, "caches_dropped": dropped}
+
+
+def library_out(device: str) -> Path:
+    return JOBS / ("out-8b-library" if device == "cpu" else f"out-8b-library-{device.replace(':', '')}")
+
+
+def compare_adapters(ours: Path, reference: Path, layers: tuple[int, ...] = (0, 31)) -> dict:
+    """How far adapter ``ours`` is from ``reference``: identical weight files, and the largest relative
+    Frobenius difference of the dense updates b @ a (float64) over the modules of ``layers``."""
+    import torch
+    from safetensors import safe_open
+
+    weights = "adapter_model.safetensors"
+    same = (ours / weights).read_bytes() == (reference / weights).read_bytes()
+    worst, modules = 0.0, 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with safe_open(ours / weights, "pt") as f, safe_open(reference / weights, "pt") as g:
+        for key in f.keys():
+            if not key.endswith("lora_A.weight") or not any(f".layers.{i}." in key for i in layers):
+                continue
+            b_key = key.replace("lora_A", "lora_B")
+            d1 = f.get_tensor(b_key).to(device, torch.float64) @ f.get_tensor(key).to(device, torch.float64)
+            d2 = g.get_tensor(b_key).to(device, torch.float64) @ g.get_tensor(key).to(device, torch.float64)
+            worst = max(worst, float(torch.linalg.norm(d1 - d2) / torch.linalg.norm(d2)))
+            modules += 1
+    return {"identical_bytes": same, "max_relative_difference": worst, "modules_compared": modules}
 
 
 def run_separate_commands(job: str) -> dict:
@@ -150,6 +179,17 @@ def main() -> None:
             p, w, lw = median(pipe, "elapsed_s"), median(pipe, "wall_s"), median(lib, "wall_s")
             rows.append(f"| 8B tsv, 8 adapters | pipeline {p:.1f} s after Ray start ({w:.1f} s whole process) "
                         f"vs library {lw:.1f} s | **{p / lw:.2f}x** (target <= 1.5x) |")
+        elif which == "8b-gpu":  # on a machine with a GPU: pipeline and library both on the GPU
+            pipe, lib = alternate(lambda: run_job("8b-gpu"), lambda: run_library_8b("cuda"), args.runs)
+            p, w, lw = median(pipe, "elapsed_s"), median(pipe, "wall_s"), median(lib, "wall_s")
+            cpu = record(run_library_8b("cpu"))  # the reference: the same merge on the CPU
+            merged = JOBS / "out-8b-gpu" / "tsv"
+            same = record({"job": "8b-gpu-vs-library-cuda", **compare_adapters(merged, library_out("cuda"))})
+            ref = record({"job": "8b-gpu-vs-library-cpu", **compare_adapters(merged, library_out("cpu"))})
+            rows.append(f"| 8B tsv, 8 adapters, on the GPU | pipeline {p:.1f} s after Ray start ({w:.1f} s whole process) "
+                        f"vs library {lw:.1f} s (CPU: {cpu['wall_s']:.1f} s) | **{p / lw:.2f}x**; same bytes as the "
+                        f"library on the GPU: {same['identical_bytes']}; vs the CPU merge: max relative difference "
+                        f"{ref['max_relative_difference']:.1e} over {ref['modules_compared']} modules |")
         elif which == "batch":  # 16 adapter sets, then 16 merges of one set (bases shared)
             for tag, what in (("-sets", "16 merges, each of its own set of 4 x 1B adapters"),
                               ("-distinct", "16 merges, each of its own set of 4 x 1B adapters, 64 distinct files"),
@@ -181,7 +221,7 @@ def main() -> None:
             rows.append(f"| 70B ta, 4 adapters r=16, peak RSS | driver {d:.0f} MB, worker {wk:.0f} MB "
                         f"({median(runs, 'elapsed_s'):.0f} s) | target driver < 1024 MB, worker < 2048 MB |")
         else:
-            raise SystemExit(f"unknown benchmark {which!r}; expected 8b, batch, sweep or 70b")
+            raise SystemExit(f"unknown benchmark {which!r}; expected 8b, 8b-gpu, batch, sweep or 70b")
     print("\n| benchmark | medians | ratio |\n|---|---|---|\n" + "\n".join(rows))
 
 

@@ -16,11 +16,15 @@
 - separate16*.yaml: the same 16 merges as 16 separate jobs' worth of work (no sharing: each merge
                     names its adapters through a different path, so no bases are shared).
 - 70b.yaml:         a Llama-3-70B-shaped 4-adapter merge (80 layers, r=16), for peak memory.
+- 8b-gpu.yaml:      8b.yaml on one GPU worker (gpus_per_worker: 1), for a machine with a GPU.
+
+    python bench/pipeline_jobs.py 8b       # only the 8B jobs (what bench/gpu/run.sh needs)
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from workloads import CACHE, adapter_set
@@ -43,9 +47,13 @@ def write(name: str, text: str) -> Path:
     return path
 
 
-def main() -> None:
+def main(which: list[str]) -> None:
     eight = adapter_set("llama3-8b")
     write("8b.yaml", f"output_dir: {JOBS / 'out-8b'}\nworkers: 1\nmerges:\n" + merge_entry("tsv", eight, "tsv", 1.0))
+    write("8b-gpu.yaml", f"output_dir: {JOBS / 'out-8b-gpu'}\nworkers: 1\ngpus_per_worker: 1\nmerges:\n"
+          + merge_entry("tsv", eight, "tsv", 1.0))
+    if which == ["8b"]:
+        return
     one_b = adapter_set("llama3.2-1b")
     batch = "".join(merge_entry(f"{m}-a{a}", one_b, m, a) for m, a in COMBOS)
     for workers in (1, 2):
@@ -84,4 +92,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    args = sys.argv[1:]
+    if args not in ([], ["8b"]):
+        raise SystemExit(f"usage: python bench/pipeline_jobs.py [8b]; got {' '.join(args)}")
+    main(args)
