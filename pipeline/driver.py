@@ -20,11 +20,11 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from coremerge.peft_io import file_sha256
+from coremerge.peft_io import known_sha256
 
 from pipeline.assemble import WEIGHTS_NAME, AssemblyWork, assemble
 from pipeline.config import JobSpec, JobSpecError, Sources, load_job
-from pipeline.manifest import JobBusyError, Key, Manifest, job_lock, read_manifest
+from pipeline.manifest import JobBusyError, Key, Manifest, in_threads, job_lock, read_manifest
 from pipeline.plan import BASES_DIR, SHARD_DIR, Plan, Task, make_plan, work_of
 from pipeline.progress import Progress, status_table
 from pipeline.worker import bases_of
@@ -138,9 +138,10 @@ def run_job(job: JobSpec, sources: Sources, *,
     progress.event("start", job=str(job.path), output_dir=str(job.output_dir), merges=len(job.merges),
                    shards=len(plan.units), to_do=len(todo))
     try:
-        for merge in job.merges:  # finished in an earlier run: assemble if that did not happen
-            if not any(key in todo for key in run.keys_of[merge.name]):
-                run.assemble_if_needed(merge.name)
+        finished = [m.name for m in job.merges if not any(key in todo for key in run.keys_of[m.name])]
+        in_threads(_output_sha256, [job.output_dir / name / WEIGHTS_NAME for name in finished])  # hashed at once
+        for merge in finished:  # finished in an earlier run: assemble if that did not happen
+            run.assemble_if_needed(merge)
         tasks = [task for task in plan.tasks if any((m, task.shard) in todo for m in task.merges)]
         if tasks:
             run.schedule(tasks, todo)
@@ -296,8 +297,7 @@ class _Run:
         rows = [self.manifest.rows[k] for k in self.keys_of[merge]]
         out = self.job.output_dir / merge / WEIGHTS_NAME
         recorded = rows[0]["output_sha256"] if rows else None
-        if recorded and all(r["output_sha256"] == recorded for r in rows) and out.is_file() \
-                and file_sha256(out) == recorded:
+        if recorded and all(r["output_sha256"] == recorded for r in rows) and _output_sha256(out) == recorded:
             self.progress.merges_done += 1  # written by an earlier run, intact
             return
         if self.to_assemble is not None:
@@ -322,6 +322,14 @@ class _Run:
     def worker_max_rss(self) -> float | None:
         values = [float(r["max_rss_mb"]) for r in self.manifest.rows.values() if r.get("max_rss_mb") is not None]
         return max(values) if values else None
+
+
+def _output_sha256(path: Path) -> str | None:
+    """The sha256 of a merged adapter's weights file (hashed once per version of it); None if it is missing."""
+    try:
+        return known_sha256(path)
+    except OSError:
+        return None
 
 
 def prune_shards(output_dir: Path, rows: Iterable[Mapping[str, object]], merges: Iterable[str]) -> list[Path]:

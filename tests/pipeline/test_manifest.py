@@ -9,6 +9,8 @@ import torch
 
 from coremerge.types import LowRank
 from pipeline.config import load_job
+import pipeline.manifest
+from coremerge import peft_io
 from pipeline.manifest import SCHEMA, Manifest, manifest_path, read_manifest
 from pipeline.plan import make_plan
 from pipeline.worker import write_shard
@@ -74,6 +76,29 @@ def test_reconcile_keeps_intact_shards_only(tmp_path, adapters):
     todo2 = Manifest.load(job.output_dir).reconcile(make_plan(job2, sources2))
     assert {k for k in todo2 if k[0] == "b"} == {k for k in plan.units if k[0] == "b"}
     assert {k for k in todo2 if k[0] == "a"} == {tampered}
+
+
+def test_resume_checks_on_threads_find_the_same_damaged_shards(tmp_path, adapters, monkeypatch):
+    """A resumed run reads and hashes the finished shard files several at a time; the verdict is the
+    one a single thread gives: exactly the damaged files (same size, one byte changed) are redone."""
+    job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
+    plan = make_plan(job, sources)
+    manifest = Manifest(job.output_dir)
+    manifest.reconcile(plan)
+    finish_all(manifest, plan)
+    manifest.save()
+    damaged = set(sorted(plan.units)[::3])
+    for key in damaged:
+        path = job.output_dir / plan.units[key].path
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF  # the last byte of the last tensor
+        path.write_bytes(bytes(data))
+    verdicts = []
+    for threads in (1, 8):
+        monkeypatch.setattr(pipeline.manifest, "CHECK_THREADS", threads)
+        peft_io._KNOWN.clear()  # as in a new driver process: every file is read and hashed again
+        verdicts.append(Manifest.load(job.output_dir).reconcile(plan))
+    assert len(plan.units) >= 6 and verdicts[0] == verdicts[1] == damaged
 
 
 def test_unplanned_rows_are_dropped(tmp_path, adapters):
