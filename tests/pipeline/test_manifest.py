@@ -34,6 +34,17 @@ def finish_all(manifest, plan):
         manifest.update(key, status="done", sha256=sha, attempt=1, seconds=0.5, bytes=size)
 
 
+def finished_job(tmp_path):
+    """JOB with every shard finished and the manifest saved, as a run leaves it; (job, plan)."""
+    job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
+    plan = make_plan(job, sources)
+    manifest = Manifest(job.output_dir)
+    manifest.reconcile(plan)
+    finish_all(manifest, plan)
+    manifest.save()
+    return job, plan
+
+
 def test_written_atomically_and_readable_by_pyarrow(tmp_path, adapters):
     job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
     plan = make_plan(job, sources)
@@ -53,12 +64,7 @@ def test_written_atomically_and_readable_by_pyarrow(tmp_path, adapters):
 
 
 def test_reconcile_keeps_intact_shards_only(tmp_path, adapters):
-    job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
-    plan = make_plan(job, sources)
-    manifest = Manifest(job.output_dir)
-    manifest.reconcile(plan)
-    finish_all(manifest, plan)
-    manifest.save()
+    job, plan = finished_job(tmp_path)
 
     tampered = ("a", "layer-001")
     (job.output_dir / plan.units[tampered].path).write_bytes(b"not what was written")
@@ -81,12 +87,7 @@ def test_reconcile_keeps_intact_shards_only(tmp_path, adapters):
 def test_resume_checks_on_threads_find_the_same_damaged_shards(tmp_path, adapters, monkeypatch):
     """A resumed run reads and hashes the finished shard files several at a time; the verdict is the
     one a single thread gives: exactly the damaged files (same size, one byte changed) are redone."""
-    job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
-    plan = make_plan(job, sources)
-    manifest = Manifest(job.output_dir)
-    manifest.reconcile(plan)
-    finish_all(manifest, plan)
-    manifest.save()
+    job, plan = finished_job(tmp_path)
     damaged = set(sorted(plan.units)[::3])
     for key in damaged:
         path = job.output_dir / plan.units[key].path
