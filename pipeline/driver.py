@@ -315,7 +315,7 @@ class _Run:
     def _assembled(self, merge: str, path: Path, sha: str, seconds: float, by: str = "driver") -> None:
         for key in self.keys_of[merge]:
             self.manifest.update(key, output_sha256=sha)
-        self.manifest.save()
+        self.manifest.save(every=1.0)  # a crash before the next save costs writing this adapter again
         self.progress.merges_done += 1
         self.progress.event("merge_written", merge=merge, path=str(path), seconds=round(seconds, 3), by=by)
 

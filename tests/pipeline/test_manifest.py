@@ -102,6 +102,38 @@ def test_resume_checks_on_threads_find_the_same_damaged_shards(tmp_path, adapter
     assert len(plan.units) >= 6 and verdicts[0] == verdicts[1] == damaged
 
 
+def test_throttled_saves_wait_twenty_times_the_last_save(tmp_path, monkeypatch):
+    """Each save rewrites every row, so a big job's periodic saves space themselves by their cost:
+    at most every ``every`` seconds and every 20 times the last save's duration; a save without
+    ``every`` always writes."""
+    clock = [1000.0]
+    monkeypatch.setattr(pipeline.manifest.time, "monotonic", lambda: clock[0])
+    writes = []
+    real_write = pipeline.manifest.pq.write_table
+
+    def slow_write(table, where):  # a save that takes 0.5 s on the fake clock
+        writes.append(clock[0])
+        clock[0] += 0.5
+        real_write(table, where)
+
+    monkeypatch.setattr(pipeline.manifest.pq, "write_table", slow_write)
+    manifest = Manifest(tmp_path)
+    manifest.rows[("m", "layer-000")] = manifest.blank(("m", "layer-000"), "p", ["x"], "f", attempt=0)
+
+    def touch_and_save(at: float, **kw) -> None:
+        clock[0] = at
+        manifest.update(("m", "layer-000"), attempt=int(at))
+        manifest.save(**kw)
+
+    touch_and_save(1000.0)  # written; took 0.5 s -> the next throttled one waits 10 s from its start
+    touch_and_save(1002.0, every=1.0)  # skipped
+    touch_and_save(1009.9, every=1.0)  # skipped
+    touch_and_save(1010.0, every=1.0)  # written
+    touch_and_save(1011.0)  # unthrottled: written
+    assert writes == [1000.0, 1010.0, 1011.0]
+    assert read_manifest(tmp_path).column("attempt").to_pylist() == [1011]
+
+
 def test_unplanned_rows_are_dropped(tmp_path, adapters):
     job, sources = load_job(write_job(tmp_path / "job.yaml", JOB))
     manifest = Manifest(job.output_dir)
