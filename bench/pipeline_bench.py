@@ -115,13 +115,16 @@ def compare_adapters(ours: Path, reference: Path, layers: tuple[int, ...] = (0, 
     same = (ours / weights).read_bytes() == (reference / weights).read_bytes()
     worst, modules = 0.0, 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def delta(handle, a_key: str):  # b @ a of one module, float64
+        b = handle.get_tensor(a_key.replace("lora_A", "lora_B"))
+        return b.to(device, torch.float64) @ handle.get_tensor(a_key).to(device, torch.float64)
+
     with safe_open(ours / weights, "pt") as f, safe_open(reference / weights, "pt") as g:
         for key in f.keys():
             if not key.endswith("lora_A.weight") or not any(f".layers.{i}." in key for i in layers):
                 continue
-            b_key = key.replace("lora_A", "lora_B")
-            d1 = f.get_tensor(b_key).to(device, torch.float64) @ f.get_tensor(key).to(device, torch.float64)
-            d2 = g.get_tensor(b_key).to(device, torch.float64) @ g.get_tensor(key).to(device, torch.float64)
+            d1, d2 = delta(f, key), delta(g, key)
             worst = max(worst, float(torch.linalg.norm(d1 - d2) / torch.linalg.norm(d2)))
             modules += 1
     return {"identical_bytes": same, "max_relative_difference": worst, "modules_compared": modules}

@@ -34,11 +34,11 @@ import sys
 import tempfile
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -659,7 +659,6 @@ def known_sha256(path: str | os.PathLike) -> str:
     return sha
 
 
-
 # ----------------------------------------------------------------------------------------------- writing
 def _module_pattern(module: str) -> str:
     """A rank_pattern key that matches exactly this module under :func:`pattern_key` and nothing else."""
@@ -793,11 +792,10 @@ def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
     at a time (tests/test_peft_io.py compares the bytes with save_file's).
     """
     names = sorted(layout)
-    text = safetensors_header({name: layout[name][2] for name in names}, dtype, metadata)
-    loaded: tuple[str, dict[str, Tensor]] | None = None  # the module in hand (its A and B are neighbours)
-    digest = hashlib.sha256(text)
-    with open(path, "wb") as f:
-        f.write(text)
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        yield safetensors_header({name: layout[name][2] for name in names}, dtype, metadata)
+        loaded: tuple[str, dict[str, Tensor]] | None = None  # the module in hand (its A and B are neighbours)
         for name in names:
             module, part, shape = layout[name]
             if loaded is None or loaded[0] != module:
@@ -805,10 +803,20 @@ def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
             t = loaded[1][part]
             if tuple(t.shape) != shape:
                 raise ValueError(f"module {module!r}: {part} has shape {list(t.shape)}, expected {list(shape)}")
-            data = tensor_bytes(t)
-            f.write(data)
-            digest.update(data)
-    return digest.hexdigest()
+            yield tensor_bytes(t)
+
+    with open(path, "wb") as f:
+        return write_hashed(f, chunks())[0]
+
+
+def write_hashed(f: BinaryIO, chunks: Iterable[bytes | memoryview]) -> tuple[str, int]:
+    """Write ``chunks`` to the open file ``f``, hashing them on the way out; (sha256, bytes written)."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        f.write(chunk)
+        digest.update(chunk)
+        size += memoryview(chunk).nbytes
+    return digest.hexdigest(), size
 
 
 def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank | StoredLowRank], *, config: dict,

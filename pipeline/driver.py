@@ -348,10 +348,7 @@ def prune_shards(output_dir: Path, rows: Iterable[Mapping[str, object]], merges:
     keep = set()
     for row in rows:
         if row["status"] == "done" and row["path"]:
-            try:
-                bases = bases_of(output_dir / str(row["path"]))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                continue
+            bases = bases_of(output_dir / str(row["path"]))
             if bases is not None:
                 keep.add(bases.resolve())
     wanted, removed = set(merges), []

@@ -25,7 +25,6 @@ Test hooks (used by tests/pipeline only; never set them in production):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -41,7 +40,7 @@ import torch
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
 from coremerge.peft_io import (AdapterSource, all_finite, known_sha256, read_tensors, remember_sha256,
-                               safetensors_header, safetensors_index, tensor_bytes)
+                               safetensors_header, safetensors_index, tensor_bytes, write_hashed)
 from coremerge.types import FactoredLowRank, LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
@@ -273,21 +272,19 @@ def _write_safetensors(directory: Path, tensors: Mapping[str, torch.Tensor], met
     # The bytes safetensors' save_file writes (tested), streamed from the tensors' own memory.
     chunks = [safetensors_header({k: tuple(t.shape) for k, t in tensors.items()}, dtypes.pop(), metadata)]
     chunks += [tensor_bytes(tensors[key]) for key in sorted(tensors)]
-    digest, size = hashlib.sha256(), 0
     tmp = directory / f".{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                digest.update(chunk)
-                size += memoryview(chunk).nbytes
-        sha = digest.hexdigest()
+            sha, size = write_hashed(f, chunks)
         path = directory / name(sha)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     remember_sha256(path, sha)
     return path, sha, size
+
+
+_NOT_A_SHARD = (OSError, ValueError, KeyError, TypeError, AttributeError)  # missing, or not a shard file at all
 
 
 def shard_intact(path: str | Path, sha256: str | None) -> bool:
@@ -298,20 +295,28 @@ def shard_intact(path: str | Path, sha256: str | None) -> bool:
         if sha256 is None or known_sha256(path) != sha256:
             return False
         info = _shard_info(path)
-        return "bases" not in info or known_sha256(path.parent / info["bases"]) == info["bases_sha256"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, or not a shard file at all
+        bases = _bases_path(path, info)
+        return bases is None or known_sha256(bases) == info["bases_sha256"]
+    except _NOT_A_SHARD:
         return False
 
 
 def bases_of(path: str | Path) -> Path | None:
-    """The bases file a shard file names, if it names one; OSError/ValueError if it is unreadable."""
+    """The bases file a shard file names; None if it names none or cannot be read."""
     path = Path(path)
-    info = _shard_info(path)
-    return path.parent / info["bases"] if "bases" in info else None
+    try:
+        return _bases_path(path, _shard_info(path))
+    except _NOT_A_SHARD:
+        return None
 
 
 def _shard_info(path: Path) -> dict:
     return json.loads(safetensors_index(path)[1][META_KEY])
+
+
+def _bases_path(path: Path, info: Mapping[str, object]) -> Path | None:
+    """The bases file named in a shard file's metadata ``info`` (relative to the shard file), if any."""
+    return path.parent / str(info["bases"]) if "bases" in info else None
 
 
 def read_shard(path: str | Path) -> dict[str, LowRank]:
@@ -330,7 +335,7 @@ def stored_modules(path: str | Path, *, device: str = "cpu") -> dict[str, Stored
     path = Path(path)
     shapes, metadata = safetensors_index(path)
     info = json.loads(metadata[META_KEY])
-    bases = path.parent / info["bases"] if "bases" in info else None
+    bases = _bases_path(path, info)
     factored = set(info.get("factored", ()))
     if bases is not None:
         shapes.update(safetensors_index(bases)[0])
