@@ -1,4 +1,4 @@
-"""``python -m pipeline run job.yaml`` | ``python -m pipeline status job.yaml``."""
+"""``python -m pipeline run|status|plan job.yaml``."""
 
 from __future__ import annotations
 
@@ -15,14 +15,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the merges of a job file; exit 1 if some failed")
     run.add_argument("job", type=Path, help="job file (YAML)")
-    status = sub.add_parser("status", help="shards done / total, failures and elapsed time, per merge")
+    status = sub.add_parser("status", help="whether the last run is alive; per merge, shards done / total, state")
     status.add_argument("job", type=Path, help="job file (YAML)")
+    plan = sub.add_parser("plan", help="validate and print what the job would do (starts nothing)")
+    plan.add_argument("job", type=Path, help="job file (YAML)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from pipeline.driver import run_job_file, status_file
+    if args.command == "run":
+        from pipeline.driver import run_job_file
 
-    return run_job_file(args.job) if args.command == "run" else status_file(args.job)
+        return run_job_file(args.job)
+    from pipeline.status import plan_file, status_file
+
+    return status_file(args.job) if args.command == "status" else plan_file(args.job)
 
 
 if __name__ == "__main__":

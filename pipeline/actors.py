@@ -9,9 +9,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import ray
@@ -50,8 +51,9 @@ class MergeWorker:
         self.hooks = dict(hooks)
         self._sources: OrderedDict[tuple[str, ...], list[AdapterSource]] = OrderedDict()
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> str:
+        """``host:pid`` of this actor's process (the pool's health check and stall report)."""
+        return f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, work: ShardWork | AssemblyWork) -> list[dict[str, object]]:
         """A shard's records, or an assembly's one record (see run_shard and run_assembly)."""
@@ -94,6 +96,9 @@ class Outcome:
 class WorkerPool:
     """Long-lived merge actors with bounded in-flight work and crash recovery.
 
+    An actor gets work only once it has answered a ping, that is once Ray has placed it and its
+    process runs: actors that cannot be placed (the cluster lacks the CPUs or GPUs they ask for)
+    never hold a shard, and the job runs on those that can (:meth:`unplaced` tells which wait).
     A crashed actor is restarted by Ray (``max_restarts=-1``); Ray does not retry its tasks
     (``max_task_retries=0``): :meth:`wait` reports them and the driver resubmits, so that it
     counts attempts itself. An actor's tasks run one at a time in submission order, so when it
@@ -107,12 +112,16 @@ class WorkerPool:
                                                         max_restarts=-1, max_task_retries=0)
         self._args = (num_cpus, num_gpus, dict(hooks or {}))
         self.max_in_flight = max_in_flight
+        self.started = time.monotonic()
         self.actors = [self._remote.remote(*self._args) for _ in range(count)]
         self._queues: list[deque[object]] = [deque() for _ in range(count)]  # in-flight refs, oldest first
         self._tasks: dict[object, tuple[int, int, object]] = {}  # ref -> (actor, sequence, payload)
         self._doomed: set[object] = set()  # refs queued on an actor that died: they never started
-        self._recovering: dict[int, float] = {}  # actor -> when to ping next
+        self._placed: set[int] = set()  # actors that have answered a ping at least once
+        self._recovering: dict[int, float] = {i: 0.0 for i in range(count)}  # actor -> when to ping next
         self._pings: dict[object, int] = {}
+        self._where: dict[int, str] = {}  # actor -> host:pid of its process, from its last ping
+        self._since: dict[int, float] = {}  # actor -> when its oldest in-flight task started (about)
         self._sequence = itertools.count()
 
     def free(self) -> int | None:
@@ -121,8 +130,18 @@ class WorkerPool:
                  and len(self._queues[i]) < self.max_in_flight]
         return min(ready, key=lambda i: len(self._queues[i])) if ready else None
 
-    def submit(self, index: int, work: ShardWork, payload: object) -> None:
+    def healthy(self) -> int:
+        """How many actors are placed and answering now."""
+        return len(self.actors) - len(self._recovering)
+
+    def unplaced(self) -> list[int]:
+        """Actors that have never answered a ping: Ray could not place them (yet)."""
+        return [i for i in range(len(self.actors)) if i not in self._placed]
+
+    def submit(self, index: int, work: ShardWork | AssemblyWork, payload: object) -> None:
         ref = self.actors[index].run.remote(work)
+        if not self._queues[index]:
+            self._since[index] = time.monotonic()
         self._queues[index].append(ref)
         self._tasks[ref] = (index, next(self._sequence), payload)
 
@@ -149,6 +168,7 @@ class WorkerPool:
             index, _, payload = self._tasks.pop(ref)
             oldest = self._queues[index][0] is ref
             self._queues[index].remove(ref)
+            self._since[index] = time.monotonic()
             try:
                 outcomes.append(Outcome(payload, records=ray.get(ref)))
             except RayTaskError as err:  # run() catches what a shard raises: this is a bug
@@ -161,6 +181,25 @@ class WorkerPool:
                     self._lost(index, replace=isinstance(err, ActorDiedError))
                 outcomes.append(Outcome(payload, error=_cause(err), started=started))
         return outcomes
+
+    def describe(self, describe_payload: Callable[[object], str]) -> list[dict[str, object]]:
+        """What each actor is doing, for the stall report: state, process, current work and since when."""
+        now = time.monotonic()
+        out = []
+        for index in range(len(self.actors)):
+            queue = self._queues[index]
+            if index not in self._placed:
+                state = "waiting to be placed"
+            elif index in self._recovering:
+                state = "restarting"
+            else:
+                state = "working" if queue else "idle"
+            entry: dict[str, object] = {"actor": index, "state": state, "process": self._where.get(index)}
+            if queue:
+                entry.update(work=describe_payload(self._tasks[queue[0]][2]), queued=len(queue) - 1,
+                             for_s=round(now - self._since.get(index, now), 1))
+            out.append(entry)
+        return out
 
     def _lost(self, index: int, *, replace: bool) -> None:
         if replace:  # dead for good (Ray gave up on it): start a fresh one
@@ -179,10 +218,12 @@ class WorkerPool:
 
         index = self._pings.pop(ref)
         try:
-            ray.get(ref)
+            where = ray.get(ref)
         except RayActorError:
             self._recovering[index] = time.monotonic() + PING_EVERY
             return
+        self._where[index] = str(where)
+        self._placed.add(index)
         self._recovering.pop(index, None)
 
     def close(self) -> None:

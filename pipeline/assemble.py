@@ -12,6 +12,8 @@ driver only records the result.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import time
@@ -31,12 +33,16 @@ WEIGHTS_NAME = peft_io.SAFETENSORS_NAME
 
 
 def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource],
-             rows: Sequence[Mapping[str, object]], *, device: str = "cpu") -> tuple[Path, str]:
-    """Write ``output_dir/<merge>/`` from the merge's finished shards; returns (path, sha256 of weights).
+             rows: Sequence[Mapping[str, object]], *, key: str, owned: bool = False,
+             device: str = "cpu") -> tuple[Path, str, str]:
+    """Write ``output_dir/<merge>/`` from the merge's finished shards; returns (path, sha256 of the
+    weights, :func:`output_digest` of the directory for ``key``).
 
     Every shard file (and the bases file it names) is checked against the sha256 recorded before
     it is used; a mismatch raises ValueError (the next run redoes that shard). Factored modules
-    are multiplied out on ``device``.
+    are multiplied out on ``device``. An existing directory is replaced only if it is a merged
+    adapter coremerge wrote, or ``owned`` (the job's manifest says this job wrote it: it may be
+    damaged).
     """
     started = time.perf_counter()
     merged: dict[str, StoredLowRank] = {}
@@ -54,9 +60,49 @@ def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource
     options = replace(merge.options, device=",".join(devices))  # the report says where it ran
     timings = {"merge": float(sum(float(row["seconds"] or 0.0) for row in rows)),
                "assemble": time.perf_counter() - started}
-    out = finish(output_dir / merge.name, sources, options, merged, out_dtype=parse_dtype(merge.out_dtype),
-                 timings=timings, force=True)
-    return Path(out), known_sha256(Path(out) / WEIGHTS_NAME)  # hashed as it was written
+    out = output_dir / merge.name
+    if not owns_output(out, known=owned):
+        raise ValueError(f"{out} exists and is not an adapter coremerge wrote; refusing to replace it")
+    out = Path(finish(out, sources, options, merged, out_dtype=parse_dtype(merge.out_dtype), timings=timings,
+                      force=True))
+    digest = output_digest(out, key)
+    if digest is None:
+        raise ValueError(f"{out} disappeared right after it was written")
+    return out, known_sha256(out / WEIGHTS_NAME), digest  # hashed as it was written
+
+
+def output_digest(out: Path, key: str) -> str | None:
+    """A digest of every file of the merged adapter directory ``out`` and of ``key`` (what the merge was
+    made from); None if a file is missing or unreadable. The weights are hashed once per version of
+    the file (:func:`known_sha256`), the config and the report, which are small, every time."""
+    try:
+        parts = [key, known_sha256(out / WEIGHTS_NAME)]
+        for name in (peft_io.CONFIG_NAME, peft_io.REPORT_NAME):
+            parts.append(hashlib.sha256((out / name).read_bytes()).hexdigest())
+    except OSError:
+        return None
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def owns_output(out: Path, *, known: bool) -> bool:
+    """Whether a job may write the adapter directory ``out``: it does not exist, or it is an empty
+    directory, or a directory this tool wrote: ``known`` (the job's manifest says so, even if the
+    directory is damaged) or holding the ``merge_report.json`` coremerge writes. Never a symlink,
+    never a file."""
+    if not os.path.lexists(out):
+        return True
+    if out.is_symlink() or not out.is_dir():
+        return False
+    return known or not any(out.iterdir()) or is_merged_adapter(out)
+
+
+def is_merged_adapter(path: Path) -> bool:
+    """Whether ``path`` holds a ``merge_report.json`` that coremerge wrote (a JSON object naming its version)."""
+    try:
+        report = json.loads((path / peft_io.REPORT_NAME).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and "coremerge_version" in report
 
 
 @dataclass(frozen=True)
@@ -66,6 +112,8 @@ class AssemblyWork:
     output_dir: str
     merge: MergeSpec
     rows: tuple[Mapping[str, object], ...]  # the manifest rows of the merge's shards
+    key: str  # what the merge is made from (Plan.output_keys): part of the directory's digest
+    owned: bool = False  # the manifest says this job wrote the directory before (it may replace it)
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -80,9 +128,10 @@ def run_assembly(work: AssemblyWork, sources: Sequence[AdapterSource], *, device
     """
     started = time.perf_counter()
     try:
-        path, sha = assemble(Path(work.output_dir), work.merge, sources, work.rows, device=device)
+        path, sha, digest = assemble(Path(work.output_dir), work.merge, sources, work.rows, key=work.key,
+                                     owned=work.owned, device=device)
     except (ValueError, OSError) as err:
         text = " ".join(str(err).split()) or type(err).__name__
         return [{"merge": work.merge.name, "status": "failed", "error": f"assembly: {text}"}]
-    return [{"merge": work.merge.name, "status": "done", "path": str(path), "sha256": sha,
+    return [{"merge": work.merge.name, "status": "done", "path": str(path), "sha256": sha, "digest": digest,
              "seconds": round(time.perf_counter() - started, 3), "worker": f"{socket.gethostname()}:{os.getpid()}"}]

@@ -9,6 +9,7 @@ paths, names and hashes: no tensor is read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -23,8 +24,9 @@ from coremerge.peft_io import AdapterSource
 from pipeline.config import JobSpec, MergeSpec, Sources
 from pipeline.worker import ShardWork, Target
 
-SHARD_FORMAT = 2  # bump when the shard file layout or its numbers change: every shard is then redone
+SHARD_FORMAT = 3  # bump when the shard file layout or its numbers change: every shard is then redone
 # 2: sweeps' bases files; bases stored contiguous (other last bits than format 1)
+# 3: shard files named by their sha256, their fingerprint in the header; fingerprints of input contents
 SHARD_DIR = ".shards"
 BASES_DIR = ".bases"  # under SHARD_DIR: one directory per adapter set (group) for the sweeps' bases files
 _LAYER = re.compile(r"\.(\d+)(?:\.|$)")
@@ -37,7 +39,7 @@ class Unit:
     merge: str
     shard: str
     modules: tuple[str, ...]
-    path: str  # the shard file, relative to output_dir
+    directory: str  # where its shard file goes, relative to output_dir (the file is named by its sha256)
     fingerprint: str  # hash of everything that decides the shard's bytes
 
 
@@ -56,9 +58,17 @@ class Task:
 class Plan:
     units: Mapping[tuple[str, str], Unit]  # (merge, shard) -> unit, in job order
     tasks: tuple[Task, ...]  # every task of the job: adapter set by adapter set (job order), each in shard order
+    output_keys: Mapping[str, str]  # merge -> digest of what its adapter directory is made from
 
     def units_of(self, merge: str) -> list[Unit]:
-        return [u for (m, _), u in self.units.items() if m == merge]
+        return list(self._by_merge.get(merge, ()))
+
+    @functools.cached_property
+    def _by_merge(self) -> dict[str, list[Unit]]:
+        out: dict[str, list[Unit]] = {}
+        for unit in self.units.values():
+            out.setdefault(unit.merge, []).append(unit)
+        return out
 
 
 def layer_of(module: str) -> int | None:
@@ -112,19 +122,31 @@ def make_plan(job: JobSpec, sources: Sources) -> Plan:
         for shard, modules in shards.items():
             for merge in merges:
                 units[(merge.name, shard)] = Unit(
-                    merge=merge.name, shard=shard, modules=modules,
-                    path=f"{SHARD_DIR}/{merge.name}/{shard}.safetensors",
+                    merge=merge.name, shard=shard, modules=modules, directory=f"{SHARD_DIR}/{merge.name}",
                     fingerprint=_fingerprint(merge, modules, identities[adapters]))
             tasks.append(Task(group=group, shard=shard, adapters=adapters, modules=modules,
                               merges=tuple(m.name for m in merges)))
-    ordered = {(m.name, u.shard): u for m in job.merges for u in units.values() if u.merge == m.name}
-    return Plan(units=ordered, tasks=tuple(tasks))
+    by_merge: dict[str, list[Unit]] = {}
+    for unit in units.values():
+        by_merge.setdefault(unit.merge, []).append(unit)
+    ordered = {(u.merge, u.shard): u for m in job.merges for u in by_merge[m.name]}  # job order
+    keys = {m.name: _output_key(m, sources[m.adapter_set], by_merge[m.name]) for m in job.merges}
+    return Plan(units=ordered, tasks=tuple(tasks), output_keys=keys)
+
+
+def _output_key(merge: MergeSpec, sources: Sequence[AdapterSource], units: Sequence[Unit]) -> str:
+    """What a merge's adapter directory is made from, beyond its shards: the adapters as named and where
+    they lie (the merge report says both), and the shards' fingerprints."""
+    key = {"name": merge.name, "adapters": list(merge.adapters), "paths": [str(src.path) for src in sources],
+           "shards": [unit.fingerprint for unit in units]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def work_of(job: JobSpec, plan: Plan, task: Task, merges: Sequence[str]) -> ShardWork:
     """What a worker gets for ``task``, restricted to ``merges`` (those still to do)."""
-    targets = tuple(Target(merge=m, options=job.merge(m).options, out_dtype=job.merge(m).out_dtype,
-                           path=str(job.output_dir / plan.units[(m, task.shard)].path)) for m in merges)
+    units = [plan.units[(m, task.shard)] for m in merges]
+    targets = tuple(Target(merge=u.merge, options=job.merge(u.merge).options, out_dtype=job.merge(u.merge).out_dtype,
+                           directory=str(job.output_dir / u.directory), fingerprint=u.fingerprint) for u in units)
     return ShardWork(shard=task.shard, adapters=task.adapters, modules=task.modules, targets=targets,
                      bases_dir=str(job.output_dir / SHARD_DIR / BASES_DIR / task.group))
 

@@ -25,33 +25,57 @@ def rss_mb() -> float:
 
 
 class Progress:
-    """Counts shards; draws a bar on a TTY, else logs a JSON line at most every ``interval`` s."""
+    """Counts shards; draws a bar on a TTY, else logs a JSON line at most every ``interval`` s.
 
-    def __init__(self, *, total: int, done: int, merges: int, stream: TextIO | None = None,
+    The totals may be given at once or later with :meth:`begin` (the driver knows them once it has
+    read the manifest).
+    """
+
+    def __init__(self, *, merges: int, total: int | None = None, done: int = 0, stream: TextIO | None = None,
                  interval: float | None = None, tty: bool | None = None) -> None:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         if interval is None:
             interval = float(os.environ.get("COREMERGE_LOG_INTERVAL", DEFAULT_INTERVAL))
         self.interval = interval
-        self.total, self.done, self.failed, self.running = total, done, 0, 0
+        self.total, self.done, self.failed, self.running = 0, 0, 0, 0
         self.merges, self.merges_done, self.merges_failed = merges, 0, 0
         self.started = time.monotonic()
         self._logged = self.started
         self._bar = None
-        if self.tty:
+        if total is not None:
+            self.begin(total=total, done=done)
+
+    def begin(self, *, total: int, done: int) -> None:
+        """Set the totals (shards of the job, already done); on a terminal, start the bar."""
+        self.total, self.done = total, done
+        if self.tty and self._bar is None:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=done, unit="shard", desc="merging", file=sys.stderr,
                              dynamic_ncols=True)
 
     def event(self, event: str, **fields: object) -> None:
-        """One notable event: a line above the bar, or one JSON log line."""
-        if self._bar is not None:
+        """One notable event: a line above the bar (or on stderr), or one JSON log line."""
+        if self.tty:
             text = " ".join(f"{k}={v}" for k, v in fields.items())
-            self._bar.write(f"{event}: {text}", file=sys.stderr)
+            self._write(f"{event}: {text}")
         else:
             self._emit(event, **fields)
+
+    def warn(self, event: str, message: str, **fields: object) -> None:
+        """Something the user must hear of: one line of words on a terminal, a JSON line with
+        ``"level": "warning"`` and the same ``message`` otherwise."""
+        if self.tty:
+            self._write(f"warning: {message}")
+        else:
+            self._emit(event, level="warning", message=message, **fields)
+
+    def _write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def shard_finished(self, *, failed: bool = False) -> None:
         if failed:
@@ -65,7 +89,7 @@ class Progress:
     def tick(self) -> None:
         """Called often; logs a progress line when ``interval`` has passed (no terminal)."""
         now = time.monotonic()
-        if self._bar is None and now - self._logged >= self.interval:
+        if not self.tty and now - self._logged >= self.interval:
             self._emit("progress", **self.counts())
 
     def counts(self) -> dict[str, object]:
@@ -73,17 +97,28 @@ class Progress:
                 "merges_done": self.merges_done, "merges_failed": self.merges_failed, "merges": self.merges,
                 "elapsed_s": round(time.monotonic() - self.started, 1), "driver_max_rss_mb": rss_mb()}
 
+    def interrupted(self, **fields: object) -> None:
+        """The run was stopped (SIGINT, SIGTERM): the last line, with the counts so far."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if not self.tty:
+            self._emit("interrupted", **self.counts(), **fields)
+
     def close(self, **summary: object) -> None:
         """The last line: counts, peak memory, and ``summary`` (failed merges, ...)."""
-        if self._bar is None:
+        if not self.tty:
             self._emit("finished", **self.counts(), **summary)
             return
-        self._bar.close()
-        self._bar = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         counts = self.counts()
         print(f"finished: {counts['done']}/{counts['total']} shards, {counts['merges_done']}/{counts['merges']} "
               f"merges written, {counts['merges_failed']} failed, {counts['elapsed_s']} s; peak RSS: driver "
               f"{counts['driver_max_rss_mb']} MB, workers {summary.get('worker_max_rss_mb')} MB", file=sys.stderr)
+        for merge, error in (summary.get("errors") or {}).items():
+            print(f"failed: {merge}: {error}", file=sys.stderr)
 
     def _emit(self, event: str, **fields: object) -> None:
         self._logged = time.monotonic()

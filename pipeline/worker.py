@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import socket
 import threading
@@ -35,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -44,6 +46,7 @@ from coremerge.peft_io import (AdapterSource, all_finite, known_sha256, read_ten
 from coremerge.types import FactoredLowRank, LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class Target:
     merge: str
     options: MergeOptions  # from MergeOptions.checked (device "cpu"; the worker sets its own)
     out_dtype: str
-    path: str  # absolute path of the shard file
+    directory: str  # absolute directory of the merge's shard files
+    fingerprint: str  # of the shard's inputs and options, written into the shard file's header
 
 
 @dataclass(frozen=True)
@@ -79,22 +83,33 @@ def storage_plan(work: ShardWork, sources: Sequence[AdapterSource]) -> frozenset
         >>> storage_plan(sweep_of_16, sources)  # doctest: +SKIP
         frozenset({'s-ta-a0.5', ...})
     """
+    return shard_bytes(work, sources)[0]
+
+
+def shard_bytes(work: ShardWork, sources: Sequence[AdapterSource]) -> tuple[frozenset[str], int, dict[str, int]]:
+    """(:func:`storage_plan`, bytes of the shared bases file, {merge: bytes of its shard file}) for
+    ``work``, from the adapters' shapes (an upper bound: ranks sum to k per module; headers left out).
+    A merge's adapter takes its plain size: ``{merge: bytes}[merge]`` when it is not factored."""
+    plain = {t.merge: 0 for t in work.targets}
+    small = dict(plain)
+    shared = 0
     core = [t for t in work.targets if t.options.space == "core"]
-    if not core:
-        return frozenset()
-    compute = torch.empty((), dtype=core[0].options.compute_dtype).element_size()
-    shared = small = plain = 0
+    compute = torch.empty((), dtype=work.targets[0].options.compute_dtype).element_size()
     for module in work.modules:
         specs = [src.modules[module] for src in sources if module in src.modules]
         m, n, k = specs[0].out_features, specs[0].in_features, sum(spec.rank for spec in specs)
         ku, kv = min(m, k), min(n, k)  # the bases' widths at most
         shared += (m * ku + kv * n) * compute
-        for target in core:
+        for target in work.targets:
             rank = target.options.rank
             q = kv if rank is None else min(rank, ku, kv)
-            plain += (m + n) * q * parse_dtype(target.out_dtype).itemsize
-            small += (ku * q + (0 if rank is None else q * kv)) * compute
-    return frozenset(t.merge for t in core) if shared + small < plain else frozenset()
+            plain[target.merge] += (m + n) * q * parse_dtype(target.out_dtype).itemsize
+            small[target.merge] += (ku * q + (0 if rank is None else q * kv)) * compute
+    factored = bool(core) and shared + sum(small[t.merge] for t in core) < sum(plain[t.merge] for t in core)
+    if not factored:
+        return frozenset(), 0, plain
+    names = frozenset(t.merge for t in core)
+    return names, shared, {merge: small[merge] if merge in names else size for merge, size in plain.items()}
 
 
 def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str = "cpu",
@@ -198,12 +213,14 @@ def _write_target(target: Target, work: ShardWork, merged: Mapping[str, Mapping[
     record: dict[str, object] = {"merge": target.merge, "shard": work.shard, "status": "failed",
                                  "error": errors.get(target.merge), "sha256": None, "bytes": None}
     if target.merge not in errors:
+        meta = {"merge": target.merge, "shard": work.shard, "fingerprint": target.fingerprint}
         try:
-            sha, size = write_shard(target.path, merged[target.merge], meta={"merge": target.merge, "shard": work.shard},
-                                    bases_file=bases_file)
-            record.update(status="done", sha256=sha, bytes=size, ranks=[merged[target.merge][m].rank for m in work.modules])
+            path, sha, size = write_shard(target.directory, work.shard, merged[target.merge], meta=meta,
+                                          bases_file=bases_file)
+            record.update(status="done", file=path.name, sha256=sha, bytes=size,
+                          ranks=[merged[target.merge][m].rank for m in work.modules])
         except OSError as err:
-            record["error"] = f"cannot write shard file {target.path}: {err.strerror or err}"
+            record["error"] = f"cannot write a shard file in {target.directory}: {err.strerror or err}"
     record["seconds"] = round(spent[target.merge] + time.perf_counter() - started, 6)
     return record
 
@@ -214,9 +231,14 @@ def failed_records(work: ShardWork, error: str) -> list[dict[str, object]]:
              "bytes": None, "seconds": 0.0} for t in work.targets]
 
 
-def write_shard(path: str | Path, merged: Mapping[str, LowRank | FactoredLowRank], *, meta: Mapping[str, object],
-                bases_file: tuple[Path, str] | None = None) -> tuple[str, int]:
-    """Write a shard file atomically (temp file, then rename); returns (sha256, size).
+def write_shard(directory: str | Path, shard: str, merged: Mapping[str, LowRank | FactoredLowRank], *,
+                meta: Mapping[str, object], bases_file: tuple[Path, str] | None = None) -> tuple[Path, str, int]:
+    """Write a shard file atomically (temp file, then rename); returns (path, sha256, size).
+
+    Its name carries its hash, ``<shard>-<sha256[:16]>.safetensors``, and ``meta`` (the merge, the
+    shard and the fingerprint of what decided it) goes into its header: a shard file proves itself
+    without the manifest (:func:`find_shards`). The same result gives the same file, whoever writes
+    it again (a retried or resumed shard).
 
     A :class:`FactoredLowRank` module is stored as its small factors; its u and v must be in
     ``bases_file`` = (path, sha256) from :func:`write_bases`, which the shard file then names.
@@ -225,7 +247,7 @@ def write_shard(path: str | Path, merged: Mapping[str, LowRank | FactoredLowRank
     assembly), so one that a power cut left short or empty is found and merged again, and a
     sweep does not wait on the disk for each of its hundreds of files.
     """
-    path = Path(path)
+    directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     small = []
     for module, result in merged.items():
@@ -241,10 +263,44 @@ def write_shard(path: str | Path, merged: Mapping[str, LowRank | FactoredLowRank
                                "energy_kept": {module: result.energy_kept for module, result in merged.items()}}
     if small:
         assert bases_file is not None, "factored modules need the bases file they refer to"
-        info.update(factored=small, bases=os.path.relpath(bases_file[0], path.parent), bases_sha256=bases_file[1])
-    _, sha, size = _write_safetensors(path.parent, tensors, {META_KEY: json.dumps(info, sort_keys=True)},
-                                      lambda _: path.name)
-    return sha, size
+        info.update(factored=small, bases=os.path.relpath(bases_file[0], directory), bases_sha256=bases_file[1])
+    return _write_safetensors(directory, tensors, {META_KEY: json.dumps(info, sort_keys=True)},
+                              lambda sha: shard_file_name(shard, sha))
+
+
+def shard_file_name(shard: str, sha256: str) -> str:
+    """The name of a shard file: its shard id and the first 16 hex digits of its sha256."""
+    return f"{shard}-{sha256[:16]}.safetensors"
+
+
+_SHARD_FILE = re.compile(r"(?P<shard>.+)-(?P<sha>[0-9a-f]{16})\.safetensors")
+
+
+def find_shards(directory: str | Path, wanted: Mapping[tuple[str, str], K]) -> dict[K, tuple[Path, str, int]]:
+    """Shard files in ``directory`` that prove themselves: ``wanted`` maps (shard id, fingerprint) to a
+    key; returns key -> (path, sha256, size) for each one found whose name matches its sha256, whose
+    header carries that fingerprint, and whose bases file (if any) is intact."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return {}
+    found: dict[K, tuple[Path, str, int]] = {}
+    shards = {shard for shard, _ in wanted}
+    for name in names:
+        match = _SHARD_FILE.fullmatch(name)
+        if match is None or match["shard"] not in shards:
+            continue
+        path = Path(directory) / name
+        try:  # the hash first: only a file that is what it was written as has its header parsed
+            sha = known_sha256(path)
+            if sha[:16] != match["sha"]:
+                continue
+            key = wanted.get((match["shard"], _shard_info(path).get("fingerprint")))
+            if key is not None and key not in found and shard_intact(path, sha):
+                found[key] = (path, sha, path.stat().st_size)
+        except _NOT_A_SHARD:
+            continue
+    return found
 
 
 def write_bases(directory: Path, shard: str, bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[Path, str]:
@@ -284,7 +340,7 @@ def _write_safetensors(directory: Path, tensors: Mapping[str, torch.Tensor], met
     return path, sha, size
 
 
-_NOT_A_SHARD = (OSError, ValueError, KeyError, TypeError, AttributeError)  # missing, or not a shard file at all
+_NOT_A_SHARD = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError)  # missing, or not a shard file at all
 
 
 def shard_intact(path: str | Path, sha256: str | None) -> bool:

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from pipeline.config import load_job
-from pipeline.driver import run_job_file, status_file
+from pipeline.driver import run_job_file
+from pipeline.status import status_file
 from pipeline.manifest import read_manifest
 
 from pipeline_helpers import (assert_same_adapter, json_lines, max_relative_difference, poison, reference_merge,
@@ -143,8 +144,9 @@ def test_sweep_then_resume(tmp_path, adapters, one_thread, capsys):
     capsys.readouterr()
     assert status_file(path) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["merge", "shards", "state"]
-    assert [line.split()[:3] for line in lines[1:]] == [[n, "3/3", "done"] for n in refs]
+    assert lines[0].startswith("last run: finished at ") and "(exit 0)" in lines[0]
+    assert lines[1].split()[:3] == ["merge", "shards", "state"]
+    assert [line.split()[:3] for line in lines[2:]] == [[n, "3/3", "done"] for n in refs]
 
 
 def test_worker_crash_mid_shard_is_retried(tmp_path, adapters, one_thread, monkeypatch, capsys):
@@ -195,7 +197,7 @@ def test_prune_shards_keeps_what_the_job_uses(tmp_path):
     import torch
 
     from coremerge.types import FactoredLowRank, LowRank
-    from pipeline.driver import prune_shards
+    from pipeline.files import prune_shards
     from pipeline.worker import write_bases, write_shard
 
     out = tmp_path / "out"
@@ -204,17 +206,19 @@ def test_prune_shards_keeps_what_the_job_uses(tmp_path):
     used = write_bases(bases_dir, "layer-000", {"m": (u, v)})
     stale, _ = write_bases(bases_dir, "layer-000", {"m": (2 * u, v)})  # an earlier run's bases
     factored = {"m": FactoredLowRank(u=u, x=torch.eye(2), y=None, v=v)}
-    sha, _ = write_shard(out / ".shards" / "a" / "layer-000.safetensors", factored, meta={}, bases_file=used)
-    write_shard(out / ".shards" / "gone" / "layer-000.safetensors",  # a merge no longer in the job
+    kept, sha, _ = write_shard(out / ".shards" / "a", "layer-000", factored, meta={}, bases_file=used)
+    older, _, _ = write_shard(out / ".shards" / "a", "layer-000",  # an earlier version of the same shard
+                              {"m": LowRank(a=torch.ones(1, 5), b=torch.ones(4, 1))}, meta={})
+    write_shard(out / ".shards" / "gone", "layer-000",  # a merge no longer in the job
                 {"m": LowRank(a=torch.ones(1, 5), b=torch.ones(4, 1))}, meta={})
     leftover = out / ".shards" / "a" / ".123.456.tmp"
     leftover.write_bytes(b"a killed writer's")
     (out / "gone").mkdir()  # the merged adapter directory of a removed merge: never touched
-    rows = [{"merge": "a", "shard": "layer-000", "status": "done", "path": ".shards/a/layer-000.safetensors",
+    rows = [{"merge": "a", "shard": "layer-000", "status": "done", "path": str(kept.relative_to(out)),
              "sha256": sha}]
     removed = prune_shards(out, rows, ["a", "b"])
-    assert set(removed) == {out / ".shards" / "gone", leftover, stale}
-    assert used[0].is_file() and (out / ".shards" / "a" / "layer-000.safetensors").is_file() and (out / "gone").is_dir()
+    assert set(removed) == {out / ".shards" / "gone", leftover, stale, older}
+    assert used[0].is_file() and kept.is_file() and (out / "gone").is_dir()
     assert prune_shards(out, rows, ["a", "b"]) == []  # nothing more to do
     # a shard not finished does not keep its bases: the next run writes them again
-    assert prune_shards(out, [{**rows[0], "status": "running"}], ["a"]) == [used[0]]
+    assert set(prune_shards(out, [{**rows[0], "status": "running"}], ["a"])) == {kept, used[0]}

@@ -15,7 +15,8 @@ import uuid
 
 import pytest
 
-from pipeline.driver import run_job_file, status_file
+from pipeline.driver import run_job_file
+from pipeline.status import status_file
 from pipeline.manifest import read_manifest
 
 from pipeline_helpers import assert_same_adapter, make_adapters, marked_pids, stop_marked, write_job
@@ -72,9 +73,11 @@ def test_sigkill_then_resume(tmp_path, ray_session, capsys):
             time.sleep(0.5)
         assert stop_marked(marker, grace=5) == [], "Ray processes outlived the killed driver"
         assert not (tmp_path / "out" / "nli-tsv").exists()
-        assert status_file(job) == 0
-        line = capsys.readouterr().out.splitlines()[1].split()
-        assert line[0] == "nli-tsv" and line[1] == f"{len(before)}/6"
+        assert status_file(job) == 0  # the killed run: its driver is gone, its merge was interrupted
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("last run: interrupted (driver gone since "), lines
+        line = lines[2].split()
+        assert line[:3] == ["nli-tsv", f"{len(before)}/6", "interrupted"], lines
 
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
         assert again.returncode == 0, again.stdout + again.stderr

@@ -28,10 +28,18 @@ merges:
 def finish_all(manifest, plan):
     """Every shard done, with a (small, made-up) shard file of its own."""
     for key, unit in plan.units.items():
-        path = manifest.output_dir / unit.path
         lowrank = LowRank(a=torch.ones(1, 3), b=torch.ones(2, 1))
-        sha, size = write_shard(path, {m: lowrank for m in unit.modules}, meta={"merge": key[0], "shard": key[1]})
-        manifest.update(key, status="done", sha256=sha, attempt=1, seconds=0.5, bytes=size)
+        meta = {"merge": key[0], "shard": key[1], "fingerprint": unit.fingerprint}
+        path, sha, size = write_shard(manifest.output_dir / unit.directory, key[1], {m: lowrank for m in unit.modules},
+                                      meta=meta)
+        manifest.update(key, status="done", sha256=sha, attempt=1, seconds=0.5, bytes=size,
+                        path=str(path.relative_to(manifest.output_dir)))
+
+
+def shard_file(job, key):
+    """The shard file that the saved manifest records for ``key``."""
+    [row] = [r for r in read_manifest(job.output_dir).to_pylist() if (r["merge"], r["shard"]) == key]
+    return job.output_dir / row["path"]
 
 
 def finished_job(tmp_path):
@@ -67,9 +75,9 @@ def test_reconcile_keeps_intact_shards_only(tmp_path, adapters):
     job, plan = finished_job(tmp_path)
 
     tampered = ("a", "layer-001")
-    (job.output_dir / plan.units[tampered].path).write_bytes(b"not what was written")
+    (shard_file(job, tampered)).write_bytes(b"not what was written")
     missing = ("b", "layer-002")
-    (job.output_dir / plan.units[missing].path).unlink()
+    (shard_file(job, missing)).unlink()
     again = Manifest.load(job.output_dir)
     todo = again.reconcile(plan)
     assert todo == {tampered, missing}
@@ -90,7 +98,7 @@ def test_resume_checks_on_threads_find_the_same_damaged_shards(tmp_path, adapter
     job, plan = finished_job(tmp_path)
     damaged = set(sorted(plan.units)[::3])
     for key in damaged:
-        path = job.output_dir / plan.units[key].path
+        path = shard_file(job, key)
         data = bytearray(path.read_bytes())
         data[-1] ^= 0xFF  # the last byte of the last tensor
         path.write_bytes(bytes(data))
@@ -118,7 +126,7 @@ def test_throttled_saves_wait_twenty_times_the_last_save(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline.manifest.pq, "write_table", slow_write)
     manifest = Manifest(tmp_path)
-    manifest.rows[("m", "layer-000")] = manifest.blank(("m", "layer-000"), "p", ["x"], "f", attempt=0)
+    manifest.rows[("m", "layer-000")] = manifest.blank(("m", "layer-000"), ["x"], "f", attempt=0)
 
     def touch_and_save(at: float, **kw) -> None:
         clock[0] = at

@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import json
 
-from pipeline.progress import Progress, status_table
+from pipeline.progress import Progress
+from pipeline.status import status_table
 
 
 def test_json_lines_every_interval_without_a_terminal():

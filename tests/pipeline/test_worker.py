@@ -52,6 +52,11 @@ def planned(tmp_path):
     return job, sources, make_plan(job, sources)
 
 
+def shard_path(job, plan, record):
+    """Where the worker wrote a record's shard file."""
+    return job.output_dir / plan.units[(record["merge"], record["shard"])].directory / record["file"]
+
+
 def task_of(plan, shard, size):
     return next(t for t in plan.tasks if t.shard == shard and len(t.merges) == size)
 
@@ -65,7 +70,8 @@ def test_shard_equals_library_merge(tmp_path, adapters):
     for record in records:
         assert record["status"] == "done", record["error"]
         spec = job.merge(record["merge"])
-        path = job.output_dir / plan.units[(spec.name, task.shard)].path
+        path = shard_path(job, plan, record)
+        assert path.name == f"{task.shard}-{record['sha256'][:16]}.safetensors"  # named by its hash
         assert file_sha256(path) == record["sha256"] and path.stat().st_size == record["bytes"]
         assert record["max_rss_mb"] > 0 and record["device"] == "cpu"
         shard = read_shard(path)
@@ -119,14 +125,14 @@ sweeps:
     assert storage_plan(work_of(job, plan, task, task.merges[:1]), srcs) == frozenset()  # one merge: plain
     for record in records:  # and each member is, bit for bit, the library's merge at its own alpha and rank
         spec = job.merge(record["merge"])
-        path = job.output_dir / plan.units[(spec.name, task.shard)].path
+        path = shard_path(job, plan, record)
         assert shard_intact(path, record["sha256"])
         for module, got in read_shard(path).items():
             got = got.to(dtype=parse_dtype(spec.out_dtype))
             want = merge_module_of(srcs, module, spec.options).to(dtype=parse_dtype(spec.out_dtype), device="cpu")
             assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b), (spec.name, module)
     bases.write_bytes(bases.read_bytes()[:-4] + b"\0\0\0\0")  # a torn bases file: its shards are not intact
-    assert not any(shard_intact(job.output_dir / plan.units[(r["merge"], task.shard)].path, r["sha256"]) for r in records)
+    assert not any(shard_intact(shard_path(job, plan, r), r["sha256"]) for r in records)
 
 
 def test_rerun_writes_identical_bytes(tmp_path, adapters):
@@ -148,8 +154,8 @@ def test_bad_adapter_fails_only_its_merges(tmp_path, adapters):
     assert {r["status"] for r in records} == {"failed"}
     for record in records:
         assert "model.layers.1.self_attn.q_proj" in record["error"] and "NaN" in record["error"]
-        assert "\n" not in record["error"]
-        assert not (job.output_dir / plan.units[(record["merge"], "layer-001")].path).exists()
+        assert "\n" not in record["error"] and "file" not in record
+        assert not (job.output_dir / plan.units[(record["merge"], "layer-001")].directory).exists()
     fine = task_of(plan, "layer-000", 4)  # another layer of the same adapters is fine
     assert {r["status"] for r in run_shard(work_of(job, plan, fine, fine.merges), sources[fine.adapters])} == {"done"}
 
@@ -174,8 +180,8 @@ def test_assembly_on_a_worker_equals_the_library_and_refuses_a_changed_shard(tmp
     for task in plan.tasks:
         if "tsv" in task.merges:
             [record] = run_shard(work_of(job, plan, task, ["tsv"]), sources[task.adapters])
-            rows.append({**record, "path": str(plan.units[("tsv", task.shard)].path)})
-    work = AssemblyWork(output_dir=str(job.output_dir), merge=spec, rows=tuple(rows))
+            rows.append({**record, "path": str(shard_path(job, plan, record).relative_to(job.output_dir))})
+    work = AssemblyWork(output_dir=str(job.output_dir), merge=spec, rows=tuple(rows), key=plan.output_keys["tsv"])
     [done] = run_assembly(work, sources[spec.adapter_set])
     assert done["status"] == "done" and done["path"] == str(job.output_dir / "tsv")
     assert_same_adapter(job.output_dir / "tsv", reference_merge(spec, tmp_path / "ref"))
@@ -190,8 +196,8 @@ def test_assembly_on_a_worker_equals_the_library_and_refuses_a_changed_shard(tmp
 
 
 def test_shard_hash_is_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
-    path = tmp_path / "s.safetensors"
-    sha, _ = worker.write_shard(path, {"m": LowRank(a=torch.ones(2, 3), b=torch.ones(4, 2))}, meta={"merge": "x"})
+    path, sha, _ = worker.write_shard(tmp_path, "s", {"m": LowRank(a=torch.ones(2, 3), b=torch.ones(4, 2))},
+                                      meta={"merge": "x"})
     assert sha == file_sha256(path)
     monkeypatch.setattr(peft_io, "file_sha256", lambda p: pytest.fail("read a file this process just wrote"))
     assert peft_io.known_sha256(path) == sha
@@ -215,8 +221,7 @@ def test_shard_file_is_what_safetensors_writes(tmp_path, dtype):
     merged = {"m.q": LowRank(a=torch.randn(3, 5, generator=g).to(dtype), b=torch.randn(4, 3, generator=g).to(dtype)),
               "m.k": LowRank(a=torch.randn(1, 5, generator=g).to(dtype), b=torch.randn(2, 1, generator=g).to(dtype).T.T),
               "m.v": LowRank(a=torch.randn(5, 2, generator=g).to(dtype).T, b=torch.randn(6, 2, generator=g).to(dtype))}
-    path = tmp_path / "s.safetensors"
-    sha, size = worker.write_shard(path, merged, meta={"merge": "x", "shard": "layer-000"})
+    path, sha, size = worker.write_shard(tmp_path, "layer-000", merged, meta={"merge": "x", "shard": "layer-000"})
     data = path.read_bytes()
     tensors = {f"{m}.{p}": getattr(lr, p).contiguous() for m, lr in merged.items() for p in ("a", "b")}
     header = json.dumps({"merge": "x", "shard": "layer-000", "modules": list(merged),
