@@ -39,19 +39,33 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_INTERRUPTED, EXIT_STOPPED = 0, 1, 2, 1
 PARTIAL_PLACEMENT_GRACE = 10.0  # seconds after the first actor is placed before the others count as unplaceable
 
 
-class Stopped(BaseException):
-    """SIGTERM (``ray job stop``, an eviction) or SIGINT, raised in the driver's main thread."""
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, an eviction) or SIGINT, raised in the driver's main thread.
+
+    A KeyboardInterrupt, because Ray's blocking calls turn only that into an interruption (any other
+    exception raised by a signal handler inside ``ray.wait`` comes out as a SystemError); Ray may
+    raise a plain KeyboardInterrupt in its place, so :func:`_signal_name` reads the signal noted here.
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
+_received: list[int] = []  # signals caught by this process, in order
+
+
 def _on_signal(signum: int, _frame: object) -> None:
     # once: a second signal while the driver saves and stops what it started must not cut that short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _received.append(signum)
     raise Stopped(signum)
+
+
+def _signum(err: KeyboardInterrupt) -> int:
+    """The signal behind ``err``: the one our handler noted last (SIGINT when none was)."""
+    return getattr(err, "signum", None) or (_received[-1] if _received else signal.SIGINT)
 
 
 def _catch_signals() -> None:
@@ -68,9 +82,10 @@ def run_job_file(path: Path, *, progress: Progress | None = None) -> int:
         _catch_signals()
     try:
         return _run_job_file(path, progress, catch=main_thread)
-    except Stopped as stop:  # before the job held its lock: nothing to save
-        print(f"pipeline: {stop}: stopped before any work", file=sys.stderr)
-        return EXIT_STOPPED if stop.signum == signal.SIGTERM else EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:  # before the job held its lock: nothing to save
+        signum = _signum(stop)
+        print(f"pipeline: {signal.Signals(signum).name}: stopped before any work", file=sys.stderr)
+        return EXIT_STOPPED if signum == signal.SIGTERM else EXIT_INTERRUPTED
     finally:
         if saved is not None:
             signal.signal(signal.SIGTERM, saved[0])
@@ -110,11 +125,12 @@ def _run_locked(job: JobSpec, sources: Sources, progress: Progress | None, *, ca
     try:
         status, reason = run_job(job, sources, progress=progress, connect=connect)
         state = "finished" if status == EXIT_OK else "failed"
-    except Stopped as stop:
-        status = EXIT_STOPPED if stop.signum == signal.SIGTERM else EXIT_INTERRUPTED
-        state, reason = "interrupted", f"stopped by {stop}"
-        progress.interrupted(signal=str(stop))
-        print(f"pipeline: {stop}: stopped; the manifest is saved; run the same command again to resume",
+    except KeyboardInterrupt as stop:
+        name = signal.Signals(_signum(stop)).name
+        status = EXIT_STOPPED if name == "SIGTERM" else EXIT_INTERRUPTED
+        state, reason = "interrupted", f"stopped by {name}"
+        progress.interrupted(signal=name)
+        print(f"pipeline: {name}: stopped; the manifest is saved; run the same command again to resume",
               file=sys.stderr)
     except JobSpecError as err:  # found once the job's records were read (an output that is not ours)
         status, state, reason = EXIT_BAD_SPEC, "failed", str(err)
@@ -228,6 +244,9 @@ def run_job(job: JobSpec, sources: Sources, *, progress: Progress | None = None,
             except PlacementError as err:
                 reason = str(err)
                 run.not_placed(reason)
+    except KeyboardInterrupt as stop:
+        run.stopped(signal.Signals(_signum(stop)).name)
+        raise
     finally:
         saved = run.save(final=True)
     removed = prune_shards(job.output_dir, manifest.rows.values(), [m.name for m in job.merges])
@@ -383,6 +402,12 @@ class _Run:
         for key, row in self.manifest.rows.items():
             if row["status"] in ("pending", "running"):
                 self.manifest.update(key, status="pending", error=f"not run: {reason}")
+
+    def stopped(self, how: str) -> None:
+        """The driver was stopped: shards in flight are to do again, and say why."""
+        for key, row in self.manifest.rows.items():
+            if row["status"] == "running":
+                self.manifest.update(key, status="pending", error=f"interrupted ({how}) while it ran")
 
     # --- records and merges ------------------------------------------------------------------
     def record(self, record: Mapping[str, object]) -> None:
