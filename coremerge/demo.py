@@ -46,16 +46,51 @@ def demo_job_yaml(root: Path, adapters: list[Path]) -> str:
 def run_demo(root: Path, *, use_ray: bool = True) -> int:
     root = Path(root).resolve()  # the job file names absolute paths
     adapters = write_demo_adapters(root / "adapters")
-    print(f"wrote {len(adapters)} example adapters under {root / 'adapters'}")
+    print(f"wrote {len(adapters)} example adapters under {_shown(root / 'adapters')}")
     if use_ray:
         from pipeline.driver import run_job_file
 
         job = root / "job.yaml"
         job.write_text(demo_job_yaml(root, adapters))
-        print(f"running {job} on a local Ray instance (python -m pipeline run {job})")
-        return run_job_file(job)
-    from coremerge.merge import MergeOptions, merge_to_dir
+        print(f"running {_shown(job)} on a local Ray instance (python -m pipeline run {_shown(job)})", flush=True)
+        status = run_job_file(job)
+        merged = root / "merged"
+    else:
+        from coremerge.merge import MergeOptions, merge_to_dir
 
-    out = merge_to_dir(adapters, root / "merged" / "demo-tsv", MergeOptions(method="tsv", alpha=0.9), force=True)
-    print(f"wrote {out}")
-    return 0
+        merged = root / "merged"
+        out = merge_to_dir(adapters, merged / "demo-tsv", MergeOptions(method="tsv", alpha=0.9), force=True)
+        print(f"wrote {_shown(out)}")
+        status = 0
+    if status == 0:
+        print(next_steps(root, adapters, merged, ran_job=use_ray))
+    return status
+
+
+def next_steps(root: Path, adapters: list[Path], merged: Path, *, ran_job: bool) -> str:
+    """What the demo says last: where the results are and what to try next, as commands that run."""
+    names = sorted(p.name for p in merged.iterdir() if (p / "adapter_config.json").is_file())
+    shown = " ".join(_shown(a) for a in adapters)
+    lines = [
+        "",
+        f"Done. {len(names)} merged adapters are in {_shown(merged)}/: {', '.join(names)}",
+        "Each is a standard PEFT adapter directory (adapter_config.json, adapter_model.safetensors) with a",
+        "merge_report.json that says what went in and how it was merged. Try next:",
+        f"  coremerge inspect {shown}",
+        f"  coremerge merge {shown} --method ties --density 0.5 --out {_shown(root / 'my-merge')}",
+    ]
+    if ran_job:
+        lines += [f"  python -m pipeline status {_shown(root / 'job.yaml')}",
+                  f"  python -m pipeline run {_shown(root / 'job.yaml')}      # again: nothing is redone"]
+    example = "demo-tsv" if "demo-tsv" in names else (names or [""])[0]
+    lines += ["and load one with PEFT: PeftModel.from_pretrained(base_model, "
+              f"\"{_shown(merged / example)}\")  (README.md shows it end to end)"]
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (commands a user can paste)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

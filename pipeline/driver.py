@@ -255,6 +255,10 @@ def run_job(job: JobSpec, sources: Sources, *, progress: Progress | None = None,
     failed = sorted(run.failed)
     progress.close(failed_merges=failed, errors={m: run.failed[m] for m in failed},
                    worker_max_rss_mb=run.worker_max_rss(), output_dir=str(job.output_dir))
+    written = progress.merges_done
+    print(f"pipeline: {written} of {len(job.merges)} merged adapters are in {job.output_dir}"
+          + (f"; {len(failed)} failed ({', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''})" if failed else "")
+          + f". Per merge: python -m pipeline status {job.path}", file=sys.stderr)
     if reason is not None:
         print(f"pipeline: error: {reason}", file=sys.stderr)
         return EXIT_FAILED, reason

@@ -165,7 +165,8 @@ def test_a_full_disk_at_the_last_save_loses_no_recorded_failure(tmp_path, adapte
     assert run_job_file(job) == 1
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
-    assert len(err) == 1 and "the manifest could not be saved (No space left on device)" in err[0]
+    assert err[-2].startswith("pipeline: 1 of 2 merged adapters are in ") and "; 1 failed (ties)" in err[-2]
+    assert err[-1].startswith("pipeline: error: the manifest could not be saved (No space left on device)")
     finished_event = json_lines(captured.out)[-1]
     assert finished_event["failed_merges"] == ["ties"] and "NaN" in finished_event["errors"]["ties"]
     monkeypatch.undo()
