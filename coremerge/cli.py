@@ -14,7 +14,7 @@ from pathlib import Path
 
 from coremerge.allocator import keep_freed_memory
 
-EXIT_BAD_INPUT = 2
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 def _parse_weights(text: str) -> tuple[float, ...]:
@@ -87,12 +87,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args.dir, use_ray=not args.no_ray)
     except (ValueError, FileNotFoundError) as exc:
-        message = " ".join(str(exc).split())  # one line, always
-        print(f"coremerge: error: {message}", file=sys.stderr)
+        print(f"coremerge: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # the merge could not be written: a full disk, an I/O error
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"coremerge: error: {where}{exc.strerror or _one_line(exc)}; nothing was written", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("coremerge: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of ours: one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"coremerge: internal error: {type(exc).__name__}: {_one_line(exc)} (run with -v for the traceback; "
+              f"please report it)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -100,7 +113,13 @@ def _merge(args: argparse.Namespace) -> int:
     from coremerge.merge import MergeOptions, merge_to_dir, parse_dtype
 
     params = dict(args.param)
+    if len(params) != len(args.param):
+        repeated = sorted({k for k, _ in args.param if [p for p, _ in args.param].count(k) > 1})
+        raise ValueError(f"-p {repeated[0]} is given more than once; give each hyper-parameter once")
     if args.density is not None:
+        if "density" in params:
+            raise ValueError(f"--density {args.density} and -p density={params['density']} both set density; "
+                             f"give it once")
         params["density"] = args.density
     options = MergeOptions(method=args.method, space=args.space, alpha=args.alpha, weights=args.weights,
                            params=params, rank=args.rank, seed=args.seed,
