@@ -67,7 +67,7 @@ class Heartbeat:
         now = time.time()
         self.state: dict[str, object] = {
             "run_id": f"{_dt.datetime.fromtimestamp(now).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            "host": socket.gethostname(), "pid": os.getpid(), "job": str(job_path),
+            "host": socket.gethostname(), "pid": os.getpid(), "job": str(Path(job_path).resolve()),
             "started_at": now, "heartbeat_at": now, "state": "running",
             "ended_at": None, "exit_status": None, "reason": None,
         }

@@ -20,12 +20,15 @@ since, never pass for this job's work. Columns:
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from coremerge.errors import AdapterError
 from coremerge.peft_io import AdapterSource
 
+from pipeline import hashcache
 from pipeline.config import JobSpec, JobSpecError, Sources, load_job
 from pipeline.liveness import judge
 from pipeline.manifest import ManifestDamaged, read_manifest
@@ -38,10 +41,19 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
 def _load(path: Path) -> tuple[JobSpec, Sources, Plan] | None:
     try:
         job, sources = load_job(path)
+        hashcache.load(job.output_dir)  # read only: the inputs are hashed once per version, by the run
         return job, sources, make_plan(job, sources)
-    except JobSpecError as err:
+    except (JobSpecError, AdapterError) as err:  # AdapterError: an input changed while it was hashed
         print(f"pipeline: error: {err}", file=sys.stderr)
         return None
+
+
+def _same_file(recorded: str, path: Path) -> bool:
+    """Whether the job file a run recorded is ``path`` (typed relative or through a symlink, or not)."""
+    try:
+        return os.path.samefile(recorded, path)
+    except OSError:  # the recorded one is gone: compare the names
+        return Path(recorded).resolve() == Path(path).resolve()
 
 
 def status_file(path: Path) -> int:
@@ -61,7 +73,7 @@ def status_file(path: Path) -> int:
         print(f"no manifest at {job.output_dir / 'manifest'}: the job has not started")
         return EXIT_FAILED
     print(f"last run: {verdict.words}")
-    if verdict.state is not None and verdict.state.get("job") and Path(str(verdict.state["job"])) != Path(job.path):
+    if verdict.state is not None and verdict.state.get("job") and not _same_file(str(verdict.state["job"]), job.path):
         print(f"note: the last run on {job.output_dir} was of another job file: {verdict.state['job']}")
     wanted = {key: unit.fingerprint for key, unit in plan.units.items()}
     rows = [r for r in table.to_pylist() if wanted.get((r["merge"], r["shard"])) == r["fingerprint"]]
