@@ -1,7 +1,9 @@
 """The ``coremerge`` command: merge, inspect, demo.
 
 Bad input ends with one line on stderr naming the adapter and what was expected,
-exit status 2, and nothing written.
+exit status 2, and nothing written. That includes an ``--out`` that is, contains or lies inside an
+input adapter, that is a file, a symlink or a directory coremerge did not write, or that cannot be
+written: all found before the merge is computed.
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the inputs')")
     merge.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"],
                        help="dtype of the merge math (default: float32)")
-    merge.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    merge.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    merge.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    merge.add_argument("--force", action="store_true",
+                       help="replace an existing --out directory, if it is a merged adapter coremerge wrote "
+                            "(it holds merge_report.json) or empty; never anything else")
     merge.add_argument("--push-to-hub", metavar="REPO", help="upload the merged directory to this Hub repository")
 
     inspect = sub.add_parser("inspect", help="show adapters' modules, ranks, scales and whether they merge")

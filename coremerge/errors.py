@@ -1,4 +1,4 @@
-"""The one error type of the PEFT I/O layer.
+"""The error type of the PEFT I/O layer (and its one refinement: an input that changed while it was read).
 
 Example:
     >>> str(AdapterError("adapter 'a/': module 'q_proj':\\n  lora_B has 3 columns, expected 4"))
@@ -19,3 +19,13 @@ class AdapterError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class AdapterChangedError(AdapterError):
+    """An input file changed while it was read (or between two reads of one run): what was built from it
+    mixes versions and is not kept. Running again reads the new version whole.
+
+    Example:
+        >>> isinstance(AdapterChangedError("adapter 'a/': adapter_model.safetensors changed"), ValueError)
+        True
+    """

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from coremerge import methods, peft_io
+from coremerge.paths import check_output_not_input
 from coremerge.spaces import CoreSpace, check_space, merge_module, module_generator
 from coremerge.types import FactoredLowRank, LowRank, StoredLowRank
 
@@ -73,8 +76,7 @@ class MergeOptions:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute dtype must be float32 or float64, got {dtype_name(self.compute_dtype)}")
-        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} was asked for, but torch sees no CUDA device")
+        check_device(self.device)
         return replace(self, params=params, weights=tuple(float(w) for w in weights), alpha=float(self.alpha))
 
     def describe(self) -> dict[str, object]:
@@ -88,6 +90,30 @@ class MergeOptions:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_DEVICE = re.compile(r"cpu|cuda(?::(\d{1,4}))?")
+
+
+def check_device(device: object) -> None:
+    """Refuse any device but ``cpu``, ``cuda`` and ``cuda:N`` with N a CUDA device torch sees (ValueError).
+
+    Example:
+        >>> check_device("meta")
+        Traceback (most recent call last):
+        ValueError: unknown device 'meta'; expected cpu, cuda or cuda:N
+    """
+    match = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if match is None:
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device; use --device cpu")
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise ValueError(f"device {device!r} was asked for, but torch sees {count} CUDA device(s): "
+                         f"cuda:0 to cuda:{count - 1}")
 
 
 def present_in(sources: Sequence[peft_io.AdapterSource], module: str) -> list[int]:
@@ -169,7 +195,7 @@ def build_report(sources: Sequence[peft_io.AdapterSource], options: MergeOptions
         "coremerge_version": __version__,
         "inputs": [
             {"adapter": src.name, "path": str(src.path), "weights_file": src.weights_file.name,
-             "sha256": peft_io.known_sha256(src.weights_file), "peft_type": src.peft_type,
+             "sha256": peft_io.weights_sha256(src), "peft_type": src.peft_type,
              "modules": len(src.modules), "dtype": dtype_name(src.dtype)}
             for src in sources
         ],
@@ -186,14 +212,19 @@ def build_report(sources: Sequence[peft_io.AdapterSource], options: MergeOptions
 
 def finish(out_dir: str | Path, sources: Sequence[peft_io.AdapterSource], options: MergeOptions,
            merged: Mapping[str, LowRank | StoredLowRank], *, out_dtype: torch.dtype, timings: Mapping[str, float],
-           force: bool = False) -> Path:
-    """Write the merged adapter directory (atomically) with its config and report."""
+           force: bool = False, owned: Callable[[Path], bool] | None = None, staging: Path | None = None) -> Path:
+    """Write the merged adapter directory (atomically) with its config and report.
+
+    ``force``, ``owned`` and ``staging`` go to :func:`coremerge.peft_io.write_adapter`: which existing
+    directory may be replaced, and a temp directory made beforehand by ``reserve_output``.
+    """
     config = peft_io.adapter_config_for(sources, {name: lr.rank for name, lr in merged.items()})
     started = time.perf_counter()
     report = build_report(sources, options, merged, out_dtype=out_dtype, timings=timings)
     timings = {**timings, "write": time.perf_counter() - started}
     report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-    return peft_io.write_adapter(out_dir, merged, config=config, report=report, dtype=out_dtype, force=force)
+    return peft_io.write_adapter(out_dir, merged, config=config, report=report, dtype=out_dtype, force=force,
+                                 owned=owned, staging=staging)
 
 
 def merge_to_dir(specs: Sequence[str | Path], out_dir: str | Path, options: MergeOptions, *,
@@ -201,25 +232,36 @@ def merge_to_dir(specs: Sequence[str | Path], out_dir: str | Path, options: Merg
                  on_module: Callable[[str], None] | None = None) -> Path:
     """Merge the adapters named by ``specs`` into a PEFT adapter directory ``out_dir``.
 
-    Everything is validated before any work; nothing is written unless the whole merge
-    succeeded. ``on_module`` is called after each merged module (progress bars).
+    Everything is validated before any work: the adapters, the options, and ``out_dir``, which must
+    not be, contain or lie inside an input adapter (:func:`coremerge.paths.check_output_not_input`),
+    may exist only with ``force`` and only as a merged adapter this tool wrote or an empty directory,
+    and must be writable (its temp directory is made before the merge is computed). Leftovers of
+    writers of ``out_dir`` that died on this host are removed first. Nothing is written unless the
+    whole merge succeeded. ``on_module`` is called after each merged module (progress bars).
 
     Example:
         >>> merge_to_dir(["a/", "b/"], "merged/", MergeOptions(method="tsv", alpha=0.9))  # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    if Path(out_dir).exists() and not force:
-        raise ValueError(f"output directory {out_dir} exists; pass --force to overwrite it")
+    check_output_not_input(out_dir, specs)  # local paths as given: before anything is read or downloaded
+    peft_io.check_output(out_dir, force=force)
     sources = open_all(specs)
+    check_output_not_input(out_dir, sources)  # and where they really are (Hub ids: the local cache)
     options = options.checked(len(sources))
     out_dtype = output_dtype(sources, dtype)
-    t1 = time.perf_counter()
-    merged: dict[str, LowRank] = {}
-    for module in peft_io.union_modules(sources):
-        merged[module] = merge_module_of(sources, module, options).to(dtype=out_dtype, device="cpu")
-        if on_module is not None:
-            on_module(module)
-    t2 = time.perf_counter()
-    log.info("merged %d modules of %d adapters in %.2f s", len(merged), len(sources), t2 - t1)
-    return finish(out_dir, sources, options, merged, out_dtype=out_dtype,
-                  timings={"open": t1 - t0, "merge": t2 - t1}, force=force)
+    peft_io.clean_dead_leftovers(out_dir)
+    staging = peft_io.reserve_output(out_dir, force=force)
+    try:
+        t1 = time.perf_counter()
+        merged: dict[str, LowRank] = {}
+        for module in peft_io.union_modules(sources):
+            merged[module] = merge_module_of(sources, module, options).to(dtype=out_dtype, device="cpu")
+            if on_module is not None:
+                on_module(module)
+        t2 = time.perf_counter()
+        log.info("merged %d modules of %d adapters in %.2f s", len(merged), len(sources), t2 - t1)
+        return finish(out_dir, sources, options, merged, out_dtype=out_dtype,
+                      timings={"open": t1 - t0, "merge": t2 - t1}, force=force, staging=staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -18,6 +18,15 @@ PEFT facts reproduced here (peft 0.21):
   ``rank_pattern`` / ``alpha_pattern`` (see :func:`pattern_key`).
 - VeRA: shared ``base_model.vera_A`` (r, max_in), ``base_model.vera_B`` (max_out, r) and per module
   ``vera_lambda_d`` (r,), ``vera_lambda_b`` (out,); delta = (λ_b ⊙ vera_B[:out]) @ (λ_d ⊙ vera_A[:, :in]).
+- targets: a module with tensors must be one PEFT adapts (``check_target_module_exists``: target_modules,
+  exclude_modules, modules_to_save, layers_to_transform / layers_pattern); PEFT would drop the others.
+
+Untrusted input. Adapter files come from anyone: every problem is ONE :class:`AdapterError` line. The
+bytes of safetensors files are read and checked by :mod:`coremerge.safetensors_file` (no PEFT meaning
+there); the regexes of a config (rank_pattern, alpha_pattern, target_modules, ...) are matched in
+bounded time (:class:`PatternMatcher`). The version of the weights file whose header was checked is
+kept (:attr:`AdapterSource.weights_version`): every later read must find that very version, so nothing
+is built from, or reported as, a file other than the one opened (:func:`weights_sha256`).
 """
 
 from __future__ import annotations
@@ -30,22 +39,28 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import threading
+import time
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+import regex
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from coremerge import hub
-from coremerge.errors import AdapterError
+from coremerge.errors import AdapterChangedError, AdapterError
+from coremerge.safetensors_file import (  # noqa: F401 (re-exported: the pipeline and tests import them from here)
+    _KNOWN, FLOAT_DTYPES, FileVersion, file_sha256, known_sha256, open_regular, open_safetensors, read_capped,
+    read_tensors, remember_sha256, safetensors_header, safetensors_index, show, tensor_bytes, version_sha256,
+    write_hashed)
+from coremerge.safetensors_file import SAFETENSORS_DTYPES as _SAFETENSORS_DTYPES
 from coremerge.types import LoraFactors, LowRank, StoredLowRank
 
 log = logging.getLogger(__name__)
@@ -57,9 +72,11 @@ REPORT_NAME = "merge_report.json"
 PREFIX = "base_model.model."
 VERA_A_KEY, VERA_B_KEY = "base_model.vera_A", "base_model.vera_B"
 
-_ST_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+CONFIG_MAX_BYTES = 16 << 20  # adapter_config.json: kilobytes in practice, megabytes with huge rank_patterns
+CONFIG_MAX_DEPTH = 32  # JSON nesting of adapter_config.json (PEFT's own configs nest 3 deep)
+MATCH_TIMEOUT_S = 0.25  # one config regex against one module name (a normal match takes microseconds)
+MATCH_BUDGET_S = 5.0  # all the regex matching of one adapter together
+PATTERN_MAX_CHARS = 10_000  # one config regex
 
 # LoraConfig fields that change the forward away from x @ (scale * B @ A)^T, or whose weights we cannot
 # merge exactly: refused whenever set (truthy). velora_config is NOT here: VeLoRA changes only the backward
@@ -119,11 +136,154 @@ class AdapterSource:
     dtype: torch.dtype  # of the stored tensors
     modules: Mapping[str, ModuleSpec]  # sorted by name
     peft_type: str  # "LORA" | "VERA"
+    weights_version: FileVersion  # of weights_file, when its header was read: every later read must find it
+    config_sha256: str  # of the adapter_config.json bytes parsed into ``config``
 
 
 # ---------------------------------------------------------------------------------------------- patterns
+class PatternMatcher:
+    r"""PEFT's regex matches (``re`` in peft 0.21) for one adapter, in bounded time; each failure is one line.
+
+    The regexes of a config come from whoever wrote the adapter, and Python's ``re`` can take forever on
+    some (``([\w.]+)+X`` against a module name: catastrophic backtracking; PEFT itself hangs on it). So:
+
+    - a pattern is compiled with ``re`` first, so what PEFT cannot compile is refused, then with the
+      ``regex`` package, which matches it: regex reads re's syntax the same way (its default VERSION0),
+      except fuzzy matching (``{e<=1}``) and POSIX classes (``[[:digit:]]``), which re reads as literal
+      characters: patterns using them are refused rather than matched differently;
+    - regex is a backtracking engine too (its guards make ``([\w.]+)+X`` fast, not ``(.|.)+\d``), but
+      its match functions take a ``timeout``: each match gets at most ``timeout_s`` and all matches of
+      the adapter together ``budget_s``, so 10k modules against slow patterns cannot stall a job either.
+      A linear-time engine (RE2) needs no timeout but lacks backreferences and lookarounds, which PEFT
+      patterns may use: it could not match every pattern as PEFT does.
+
+    Example:
+        >>> m = PatternMatcher("adapter 'a': adapter_config.json:")
+        >>> bool(m.match("target_modules", "q_proj|v_proj", "q_proj|v_proj", "v_proj", full=True))
+        True
+        >>> m.match("rank_pattern", "(.|.)+\\d", r"(.*\.)?((.|.)+\d)$", "model.layers.10.self_attn.q_proj")
+        Traceback (most recent call last):
+        coremerge.errors.AdapterError: adapter 'a': adapter_config.json: rank_pattern pattern '(.|.)+\\d' takes over 0.25 s to match module 'model.layers.10.self_attn.q_proj' (catastrophic backtracking: PEFT itself would hang on it); refusing the adapter
+    """
+
+    def __init__(self, where: str, *, timeout_s: float | None = None, budget_s: float | None = None) -> None:
+        self.where = where
+        self.timeout_s = MATCH_TIMEOUT_S if timeout_s is None else timeout_s
+        self.budget_s = self.left_s = MATCH_BUDGET_S if budget_s is None else budget_s
+        self._compiled: dict[str, Any] = {}  # regex source -> regex.Pattern
+
+    def compile(self, field: str, pattern: Any, source: str) -> Any:
+        """The regex ``source`` built around the config's ``pattern`` (of ``field``), compiled once."""
+        compiled = self._compiled.get(source)
+        if compiled is not None:
+            return compiled
+        what = f"{self.where} {field} pattern {show(pattern)}"
+        if not isinstance(pattern, str):
+            raise AdapterError(f"{what} is not a string")
+        if len(pattern) > PATTERN_MAX_CHARS:
+            raise AdapterError(f"{what} is {len(pattern)} characters long; expected at most {PATTERN_MAX_CHARS}")
+        if _REGEX_ONLY_SYNTAX.search(_ESCAPE.sub("", pattern)):
+            raise AdapterError(f"{what} uses fuzzy-match braces or a POSIX [:class:], which Python's re (what PEFT "
+                               f"uses) reads as literal characters; write it without them")
+        try:
+            with warnings.catch_warnings():  # re's FutureWarning about "[[": not the user's business here
+                warnings.simplefilter("ignore")
+                re.compile(source)  # what PEFT compiles: a pattern re refuses cannot be loaded by PEFT either
+            compiled = regex.compile(source)
+        except Exception as exc:  # re.error, regex.error, RecursionError, OverflowError, ...: any is "invalid"
+            raise AdapterError(f"{what} is not a valid regex ({type(exc).__name__}: {show(str(exc), 160)})") from None
+        self._compiled[source] = compiled
+        return compiled
+
+    def match(self, field: str, pattern: Any, source: str, text: str, *, full: bool = False) -> Any:
+        """``re.match(source, text)`` (``re.fullmatch`` when ``full``), bounded: AdapterError past the time allowed."""
+        compiled = self.compile(field, pattern, source)
+        timeout = min(self.timeout_s, self.left_s)
+        start = time.perf_counter()
+        try:
+            if timeout <= 0:
+                raise TimeoutError
+            return (compiled.fullmatch if full else compiled.match)(text, timeout=timeout)
+        except TimeoutError:
+            spent = (f"takes over {self.timeout_s:g} s to match module {show(text)}" if timeout == self.timeout_s else
+                     f"used up the {self.budget_s:g} s that matching all the adapter's patterns may take")
+            raise AdapterError(f"{self.where} {field} pattern {show(pattern)} {spent} (catastrophic backtracking: PEFT "
+                               f"itself would hang on it); refusing the adapter") from None
+        finally:
+            self.left_s -= time.perf_counter() - start
+
+
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_REGEX_ONLY_SYNTAX = re.compile(r"\{[^{}]*[a-z][^{}]*\}|\[:\^?[A-Za-z]+:\]")  # fuzzy {e<=1}, POSIX [:alpha:]
+# A pattern that is a plain string (optionally after ^): letters, digits and other characters with no
+# meaning in a regex, or a backslash and ASCII punctuation (what re.escape writes). Such a pattern p
+# matches (.*\.)?(p)$ exactly when p is a dotted suffix of the module name (with ^: is the name), for
+# names without a newline: looked up in a dict instead of matched one by one (a merged adapter's
+# rank_pattern holds one "^<module>" key per module of another rank: thousands on a large model).
+_PLAIN = re.compile(r"(\^?)((?:[^\\.^$*+?{}\[\]|()]|\\[ -/:-@\[-^`{-~])*)")
+_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _suffix_regex(key: str) -> str:
+    """The regex PEFT's get_pattern_key matches a rank_pattern/alpha_pattern key with."""
+    return rf"(.*\.)?({key})$"
+
+
+def _dotted_suffixes(module: str) -> list[str]:
+    """``module`` and each part after one of its dots: "a.b.c" -> ["a.b.c", "b.c", "c"]."""
+    return [module] + [module[i + 1:] for i, c in enumerate(module) if c == "."]
+
+
+class PatternIndex:
+    """One rank_pattern / alpha_pattern (its keys in config order), for PEFT's first-match lookup.
+
+    Example:
+        >>> index = PatternIndex(["^model\\\\.x", "q_proj", "layers\\\\.1\\\\..*"], "rank_pattern", PatternMatcher("a:"))
+        >>> index.first("model.layers.1.q_proj"), index.first("model.x"), index.first("other")
+        ('q_proj', '^model\\\\.x', None)
+    """
+
+    def __init__(self, keys: Iterable[str], field: str, matcher: PatternMatcher) -> None:
+        self.keys, self.field, self.matcher = list(keys), field, matcher
+        self._exact: dict[str, list[int]] = {}  # "^plain" keys: the plain string -> their positions
+        self._suffix: dict[str, list[int]] = {}  # plain keys: the plain string -> their positions
+        self._regexes: list[int] = []  # positions of the other keys, ascending
+        for i, key in enumerate(self.keys):
+            plain = _PLAIN.fullmatch(key) if isinstance(key, str) else None
+            if plain is None:
+                matcher.compile(field, key, _suffix_regex(key))  # refuses what PEFT could not compile
+                self._regexes.append(i)
+            else:
+                table = self._exact if plain[1] else self._suffix
+                table.setdefault(_UNESCAPE.sub(r"\1", plain[2]), []).append(i)
+
+    def matching(self, module: str, *, first: bool = False) -> list[str]:
+        """The keys that match ``module``, in config order (only the first one when ``first``)."""
+        if "\n" in module:  # "$" also matches before a final newline: leave such names to the regex engine
+            found, regexes = [], range(len(self.keys))
+        else:
+            found = self._exact.get(module, []) + [i for s in _dotted_suffixes(module) for i in self._suffix.get(s, ())]
+            regexes = self._regexes
+        stop = min(found, default=len(self.keys)) if first else len(self.keys)
+        for i in regexes:
+            if i > stop:
+                break
+            key = self.keys[i]
+            if self.matcher.match(self.field, key, _suffix_regex(key), module):
+                found.append(i)
+                if first:
+                    break
+        found.sort()
+        return [self.keys[i] for i in found[:1 if first else None]]
+
+    def first(self, module: str) -> str | None:
+        """The key PEFT's get_pattern_key picks for ``module``, or None."""
+        keys = self.matching(module, first=True)
+        return keys[0] if keys else None
+
+
 def pattern_key(patterns: Sequence[str], module: str) -> str:
-    """PEFT's ``get_pattern_key`` (peft.utils.other), reproduced exactly.
+    """PEFT's ``get_pattern_key`` (peft.utils.other), reproduced exactly, in bounded time.
 
     The FIRST pattern, in the config's (JSON) order, that matches wins; a pattern p matches when
     ``re.match(rf"(.*\\.)?({p})$", module)``: p is a regex that must match a whole dotted suffix of the
@@ -137,33 +297,123 @@ def pattern_key(patterns: Sequence[str], module: str) -> str:
         >>> pattern_key(["proj"], "model.layers.0.self_attn.q_proj")  # not a whole dotted suffix
         'model.layers.0.self_attn.q_proj'
     """
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return module
+    key = PatternIndex(patterns, "pattern", PatternMatcher("adapter config:")).first(module)
+    return module if key is None else key
+
+
+class ConfigRules:
+    """How PEFT (0.21) applies one adapter's config to a module: its r and alpha (rank_pattern /
+    alpha_pattern), and whether it adapts the module at all (``check_target_module_exists``).
+
+    Built once per adapter (patterns compiled and indexed once), matched in bounded time.
+
+    Example:
+        >>> rules = ConfigRules({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 2}},
+        ...                     PatternMatcher("a:"))
+        >>> rules.rank_alpha("model.layers.0.self_attn.q_proj"), rules.not_targeted("model.layers.0.self_attn.q_proj")
+        ((2, 8), None)
+        >>> rules.not_targeted("model.layers.0.mlp.up_proj")
+        "target_modules ['q_proj'] names neither it nor a dotted suffix of it"
+    """
+
+    def __init__(self, config: Mapping[str, Any], matcher: PatternMatcher) -> None:
+        self.config, self.matcher = config, matcher
+        self.rank_pattern: Mapping[str, Any] = config.get("rank_pattern") or {}
+        self.alpha_pattern: Mapping[str, Any] = config.get("alpha_pattern") or {}
+        self.ranks = PatternIndex(self.rank_pattern, "rank_pattern", matcher)
+        self.alphas = PatternIndex(self.alpha_pattern, "alpha_pattern", matcher)
+        self.targets = config.get("target_modules")
+        self.exclude = config.get("exclude_modules")
+        self._target_set = set(self.targets) if isinstance(self.targets, list) else set()
+        self._exclude_set = set(self.exclude) if isinstance(self.exclude, list) else set()
+
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        """(r, lora_alpha) of ``module`` as PEFT's LoraModel resolves them (defaults r=8, alpha=8 as in LoraConfig)."""
+        rank_key, alpha_key = self.ranks.first(module), self.alphas.first(module)
+        r = self.config.get("r", 8) if rank_key is None else self.rank_pattern[rank_key]
+        alpha = self.config.get("lora_alpha", 8) if alpha_key is None else self.alpha_pattern[alpha_key]
+        return r, alpha
+
+    def scale(self, module: str) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with use_rslora."""
+        r, alpha = self.rank_alpha(module)
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    def not_targeted(self, module: str) -> str | None:
+        """None when PEFT adapts ``module`` under this config, else why not (peft.tuners.tuners_utils
+        ``check_target_module_exists``, step by step). A config without target_modules (PEFT would
+        take the model type's defaults, unknown here) adapts everything; so does ``"all-linear"``."""
+        config, match, suffixes = self.config, self.matcher.match, _dotted_suffixes(module)
+        if self.exclude:
+            if isinstance(self.exclude, str):
+                if match("exclude_modules", self.exclude, self.exclude, module, full=True):
+                    return f"exclude_modules {show(self.exclude)} (a regex matched against the whole name) matches it"
+            elif any(s in self._exclude_set for s in suffixes):
+                return f"exclude_modules {show(self.exclude)} names it"
+        for saved in config.get("modules_to_save") or ():
+            if match("modules_to_save", saved, rf"(^|.*\.){saved}($|\..*)", module):
+                return f"it is in modules_to_save ({show(saved)}), which PEFT never adapts"
+        targets = self.targets
+        if targets is None:
+            return None
+        if isinstance(targets, str):
+            if targets.lower() == "all-linear" or match("target_modules", targets, targets, module, full=True):
+                return None
+            return f"target_modules {show(targets)} (a regex matched against the whole name) does not match it"
+        if module in self._target_set:
+            return None
+        if not any(s in self._target_set for s in suffixes[1:]):
+            return f"target_modules {show(targets)} names neither it nor a dotted suffix of it"
+        layers, layers_pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+        if layers is None or layers == []:
+            return None
+        found = None
+        if not layers_pattern:
+            default = r".*?\.[^.]*\.(?P<idx>\d+)\."  # PEFT's: the first number after a dotted name
+            found = match("layers_to_transform", default, default, module)
+        else:
+            for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+                found = match("layers_pattern", pattern, rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+                if found is not None:
+                    break
+        index = found.groupdict().get("idx") if found is not None else None
+        try:
+            index = None if index is None else int(index)
+        except ValueError:  # a "layer index" of over 4300 digits
+            index = None
+        if index is None:
+            return (f"layers_to_transform is {show(layers)} but its name has no layer index (layers_pattern "
+                    f"{show(layers_pattern)})")
+        if index == layers if isinstance(layers, int) else index in layers:
+            return None
+        return f"its layer {index} is not in layers_to_transform {show(layers)}"
+
+    def order_hint(self, index: PatternIndex, patterns: Mapping[str, Any], module: str) -> str:
+        """A note when several keys of ``patterns`` with different values match ``module`` (their order decides)."""
+        matching = index.matching(module)
+        if len({json.dumps(patterns[k]) for k in matching}) < 2:
+            return ""
+        return (f" (keys {show(matching)} all match it and the first in adapter_config.json wins; PEFT saves them "
+                f"sorted, so the order used in training is lost and PEFT itself cannot load this adapter)")
 
 
 def resolve_rank_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
     """(r, lora_alpha) of ``module`` as PEFT's LoraModel resolves them (defaults r=8, alpha=8 as in LoraConfig)."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(pattern_key(list(rank_pattern), module), config.get("r", 8))
-    alpha = alpha_pattern.get(pattern_key(list(alpha_pattern), module), config.get("lora_alpha", 8))
-    return r, alpha
+    return ConfigRules(config, PatternMatcher("adapter config:")).rank_alpha(module)
 
 
 def lora_scale(config: Mapping[str, Any], module: str) -> float:
     """``alpha / r``, or ``alpha / sqrt(r)`` with use_rslora, for ``module`` (patterns resolved)."""
-    r, alpha = resolve_rank_alpha(config, module)
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return ConfigRules(config, PatternMatcher("adapter config:")).scale(module)
 
 
 # ----------------------------------------------------------------------------------------------- reading
 def open_adapter(spec: str | os.PathLike, *, vera_in_features: Mapping[str, int] | None = None) -> AdapterSource:
     """Open and validate a PEFT LoRA/VeRA adapter (a directory or a Hub id ``org/name[@rev]``).
 
-    Reads ``adapter_config.json`` and the weights file's header only. Raises :class:`AdapterError` for
-    anything that cannot be merged exactly (see the module docstring and ``_REFUSED_LORA_FIELDS``).
+    Reads ``adapter_config.json`` and the weights file's header only. Raises :class:`AdapterError` (one
+    line) for anything that cannot be merged exactly (see the module docstring and
+    ``_REFUSED_LORA_FIELDS``) and for any damaged, hostile or unreadable file.
 
     VeRA stores only the largest in_features of its targets (vera_A is (r, max_in)); every VeRA module
     is read with in_features = max_in unless ``vera_in_features`` gives it ({module: n}). That is exact
@@ -175,57 +425,110 @@ def open_adapter(spec: str | os.PathLike, *, vera_in_features: Mapping[str, int]
         2.0
     """
     name = os.fspath(spec)
-    path = hub.resolve(name)
-    config = _read_config(path, name)
+    try:
+        path = hub.resolve(name)
+    except OSError as exc:  # a directory on the way that cannot be searched
+        raise AdapterError(f"adapter {name!r}: cannot be opened ({exc.strerror or exc})") from exc
+    config, config_sha256 = _read_config(path, name)
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "VERA"):
-        raise AdapterError(f"adapter {name!r}: peft_type {peft_type!r} is not supported; expected 'LORA' or 'VERA'")
+        raise AdapterError(f"adapter {name!r}: peft_type {show(peft_type)} is not supported; expected 'LORA' or 'VERA'")
     _check_config(config, name)
-    weights_file = path / SAFETENSORS_NAME
-    if not weights_file.is_file():
-        weights_file = path / BIN_NAME
-        if not weights_file.is_file():
-            raise AdapterError(f"adapter {name!r}: no {SAFETENSORS_NAME} (or legacy {BIN_NAME}) in {path}")
-    header = _read_header(weights_file, name)
+    rules = ConfigRules(config, PatternMatcher(f"adapter {name!r}: {CONFIG_NAME}:"))
+    weights_file = _weights_file(path, name)
+    header, weights_version = _read_header(weights_file, name)
     if peft_type == "LORA":
-        modules = _lora_modules(header, config, name)
+        modules = _lora_modules(header, config, name, rules)
     else:
-        modules = _vera_modules(header, config, name, vera_in_features or {})
+        modules = _vera_modules(header, config, name, vera_in_features or {}, rules)
     if not modules:
         raise AdapterError(f"adapter {name!r}: {weights_file.name} holds no {peft_type} module tensors")
     used = {k for s in modules.values() for k in (s.a_key, s.b_key)} | ({VERA_A_KEY, VERA_B_KEY} & set(header))
     dtypes = {header[k][0] for k in used}
     dtype = functools.reduce(torch.promote_types, sorted(dtypes, key=str))
     return AdapterSource(name=name, path=path, config=config, weights_file=weights_file, dtype=dtype,
-                         modules=dict(sorted(modules.items())), peft_type=peft_type)
+                         modules=dict(sorted(modules.items())), peft_type=peft_type,
+                         weights_version=weights_version, config_sha256=config_sha256)
 
 
-def _read_config(path: Path, name: str) -> dict[str, Any]:
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise AdapterError(f"adapter {name!r}: no {CONFIG_NAME} in {path}; expected a PEFT adapter directory")
+def weights_sha256(src: AdapterSource) -> str:
+    """Hex SHA-256 of the weights file as :func:`open_adapter` read it (``src.weights_version``), computed
+    once per version in a process. :class:`AdapterChangedError` if the file is no longer that version:
+    a merge report never names the hash of a file other than the one the merge read.
+
+    Example:
+        >>> weights_sha256(open_adapter("adapters/snli"))   # doctest: +SKIP
+        '9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08'
+    """
+    return version_sha256(src.weights_file, src.weights_version, f"adapter {src.name!r}: {src.weights_file.name}")
+
+
+def _exists(path: Path) -> bool:
+    """Whether anything (a file, a directory, a dangling symlink) is at ``path``; True when that cannot be
+    told (a directory that cannot be searched): opening it then says why, in one line."""
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"adapter {name!r}: {CONFIG_NAME} is not valid JSON ({exc})") from exc
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError):
+        return True
+    return True
+
+
+def _read_config(path: Path, name: str) -> tuple[dict[str, Any], str]:
+    """(adapter_config.json parsed, the sha256 of the bytes parsed)."""
+    config_file = path / CONFIG_NAME
+    where = f"adapter {name!r}: {CONFIG_NAME}"
+    if not _exists(config_file):
+        raise AdapterError(f"adapter {name!r}: no {CONFIG_NAME} in {path}; expected a PEFT adapter directory")
+    data, _ = read_capped(config_file, where, CONFIG_MAX_BYTES)
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"{where} is not valid JSON (not UTF-8: {exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise AdapterError(f"{where} is not valid JSON here (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
+        raise AdapterError(f"{where} is not valid JSON ({show(str(exc), 200)})") from None
     if not isinstance(config, dict):
-        raise AdapterError(f"adapter {name!r}: {CONFIG_NAME} must hold a JSON object, got {type(config).__name__}")
-    return config
+        raise AdapterError(f"{where} must hold a JSON object, got a JSON {type(config).__name__}")
+    if _depth(config) > CONFIG_MAX_DEPTH:
+        raise AdapterError(f"{where} nests more than {CONFIG_MAX_DEPTH} levels deep; expected a PEFT config")
+    return config, hashlib.sha256(data).hexdigest()
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` (parsed JSON) nests lists and objects (iterative: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _is_set(value: Any) -> bool:
     return value not in (None, False, "", 0) and not (isinstance(value, (dict, list)) and not value)
 
 
+def _json_text(value: Any) -> str:
+    """``value`` as JSON, cut short for a one-line message."""
+    text = json.dumps(value)
+    return text if len(text) <= 120 else f"{text[:119]}... ({len(text)} characters)"
+
+
 def _check_config(config: Mapping[str, Any], name: str) -> None:
-    """Refuse LoRA variants and settings that cannot be merged as x @ (scale * B @ A)^T."""
+    """Refuse LoRA variants and settings that cannot be merged as x @ (scale * B @ A)^T, and fields whose
+    type PEFT would not accept. (Patterns are compiled by :class:`ConfigRules`.)"""
     where = f"adapter {name!r}: {CONFIG_NAME}:"
     for key, value in config.items():
         if key not in _KNOWN_FIELDS and (value is True or (isinstance(value, (dict, list)) and value)):
-            raise AdapterError(f"{where} unknown field {key}={json.dumps(value)} (a newer PEFT?); coremerge cannot "
-                               f"tell whether it changes the adapter's forward, so it refuses to merge it")
+            raise AdapterError(f"{where} unknown field {show(key)}={_json_text(value)} (a newer PEFT?); coremerge "
+                               f"cannot tell whether it changes the adapter's forward, so it refuses to merge it")
     if config.get("bias", "none") != "none":
-        raise AdapterError(f"{where} bias={config['bias']!r} trains base-model biases; expected bias 'none'")
+        raise AdapterError(f"{where} bias={show(config['bias'])} trains base-model biases; expected bias 'none'")
+    _check_targeting(config, where)
     if config["peft_type"] == "VERA":
         if not config.get("save_projection", True):
             raise AdapterError(f"{where} VeRA adapter saved without its projections (save_projection=false); "
@@ -234,94 +537,125 @@ def _check_config(config: Mapping[str, Any], name: str) -> None:
         return
     for field_name, why in _REFUSED_LORA_FIELDS.items():
         if _is_set(config.get(field_name)):
-            raise AdapterError(f"{where} {field_name}={json.dumps(config[field_name])}: {why}; cannot merge exactly")
+            raise AdapterError(f"{where} {field_name}={_json_text(config[field_name])}: {why}; cannot merge exactly")
     init = str(config.get("init_lora_weights", True)).lower()
     if init.startswith(_MUTATING_INITS):
-        raise AdapterError(f"{where} init_lora_weights={init!r}: the adapter is relative to a base model modified by "
-                           f"that initialisation; re-save it with save_pretrained(..., "
+        raise AdapterError(f"{where} init_lora_weights={show(init)}: the adapter is relative to a base model modified "
+                           f"by that initialisation; re-save it with save_pretrained(..., "
                            f"path_initial_model_for_weight_conversion=...) to get a plain LoRA adapter")
     _check_positive_int(config.get("r", 8), f"{where} r")
     _check_number(config.get("lora_alpha", 8), f"{where} lora_alpha")
+    if isinstance(config.get("target_modules"), str) and (config.get("layers_to_transform") is not None
+                                                          or config.get("layers_pattern") is not None):
+        raise AdapterError(f"{where} layers_to_transform / layers_pattern cannot be used when target_modules is a "
+                           f"regex string (PEFT's LoraConfig refuses it too)")
     for pattern_field, check in (("rank_pattern", _check_positive_int), ("alpha_pattern", _check_number)):
         patterns = config.get(pattern_field) or {}
         if not isinstance(patterns, dict):
-            raise AdapterError(f"{where} {pattern_field} must be an object {{pattern: value}}, got {patterns!r}")
+            raise AdapterError(f"{where} {pattern_field} must be an object {{pattern: value}}, got {show(patterns)}")
         for key, value in patterns.items():
-            check(value, f"{where} {pattern_field}[{key!r}]")
-            try:
-                re.compile(key)
-            except re.error as exc:
-                raise AdapterError(f"{where} {pattern_field} key {key!r} is not a valid regex ({exc})") from exc
+            check(value, f"{where} {pattern_field}[{show(key)}]")
+
+
+def _check_targeting(config: Mapping[str, Any], where: str) -> None:
+    """The fields PEFT's check_target_module_exists reads hold the types it handles."""
+    for field_name, may_be_str in (("target_modules", True), ("exclude_modules", True), ("modules_to_save", False),
+                                   ("layers_pattern", True)):
+        value = config.get(field_name)
+        if not (value is None or (may_be_str and isinstance(value, str))
+                or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            expected = "a string, a list of strings or null" if may_be_str else "a list of strings or null"
+            raise AdapterError(f"{where} {field_name} is {show(value)}; expected {expected}")
+    layers = config.get("layers_to_transform")
+    if not (layers is None or _is_int(layers) or (isinstance(layers, list) and all(_is_int(v) for v in layers))):
+        raise AdapterError(f"{where} layers_to_transform is {show(layers)}; expected a layer index, a list of them "
+                           f"or null")
+    if config.get("layers_pattern") and layers is None:
+        raise AdapterError(f"{where} layers_pattern is set without layers_to_transform (PEFT refuses it too)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_positive_int(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AdapterError(f"{what} must be a positive integer, got {value!r}")
+    if not _is_int(value) or value < 1:
+        raise AdapterError(f"{what} must be a positive integer, got {show(value)}")
 
 
 def _check_number(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterError(f"{what} must be a finite number, got {value!r}")
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        finite = finite and math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        finite = False
+    if not finite:
+        raise AdapterError(f"{what} must be a finite number, got {show(value)}")
 
 
-def _read_header(path: Path, name: str) -> dict[str, tuple[torch.dtype | str, tuple[int, ...]]]:
-    """{key: (dtype, shape)} of a weights file, reading no tensor data (safetensors) and checking its size."""
+def _weights_file(path: Path, name: str) -> Path:
+    """adapter_model.safetensors if anything is there (a directory, FIFO or dangling link is then refused
+    when it is opened, in one line), else the legacy adapter_model.bin."""
+    for file_name in (SAFETENSORS_NAME, BIN_NAME):
+        if _exists(path / file_name):
+            return path / file_name
+    raise AdapterError(f"adapter {name!r}: no {SAFETENSORS_NAME} (or legacy {BIN_NAME}) in {path}")
+
+
+def _read_header(path: Path, name: str) -> tuple[dict[str, tuple[torch.dtype | str, tuple[int, ...]]], FileVersion]:
+    """({key: (dtype, shape)} of a weights file, the version read), reading no tensor data (safetensors:
+    the checked header of :mod:`coremerge.safetensors_file`; a dtype it cannot read as float stays a name)."""
     if path.name == BIN_NAME:
-        return {k: (t.dtype, tuple(t.shape)) for k, t in _load_bin(path, name).items()}
+        state, version = _load_bin(path, name)
+        return {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}, version
+    with open_safetensors(path, where=f"adapter {name!r}: {path.name}") as f:
+        entries, version = f.header.entries, f.version
+    return {key: (FLOAT_DTYPES.get(e.dtype, e.dtype), e.shape) for key, e in entries.items()}, version
+
+
+_BINS: OrderedDict[tuple[str, FileVersion], dict[str, Tensor]] = OrderedDict()  # the last 4 .bin files loaded
+_BINS_LOCK = threading.Lock()
+
+
+def _load_bin(path: Path, name: str, expect: FileVersion | None = None) -> tuple[dict[str, Tensor], FileVersion]:
+    """A legacy adapter_model.bin and its version, only ever through torch.load(weights_only=True): never
+    unpickle code. Loaded through the descriptor that was checked (a regular file, at ``expect``)."""
     where = f"adapter {name!r}: {path.name}"
-    size = path.stat().st_size
+    fd = open_regular(path, where)
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-            if not 2 <= n <= size - 8:
-                raise AdapterError(f"{where}: header length {n} does not fit a file of {size} bytes; the file is "
-                                   f"truncated or not safetensors")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        out, end = {}, 0
-        for key, info in header.items():
-            dtype, shape, (begin, stop) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            if dtype not in _ST_ITEMSIZE or stop - begin != math.prod(shape) * _ST_ITEMSIZE[dtype]:
-                raise AdapterError(f"{where}: tensor {key!r} header entry is inconsistent ({info})")
-            out[key] = (_ST_FLOATS.get(dtype, dtype), shape)
-            end = max(end, stop)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        if isinstance(exc, AdapterError):
-            raise
-        raise AdapterError(f"{where}: corrupt safetensors header ({type(exc).__name__}: {exc})") from exc
-    if 8 + n + end != size:
-        raise AdapterError(f"{where}: the header describes {8 + n + end} bytes but the file has {size}; the file is "
-                           f"truncated or corrupt")
-    try:  # the reader we use later must agree
-        with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise AdapterError(f"{where}: safetensors cannot open it ({exc})") from exc
-    if keys != set(out):
-        raise AdapterError(f"{where}: corrupt safetensors header (keys disagree with the safetensors reader)")
-    return out
+        version = FileVersion.of(fd)
+        if expect is not None and version != expect:
+            raise AdapterChangedError(f"{where} changed since it was opened ({version.change_from(expect)}); nothing "
+                                      f"built from it is kept; run again")
+        with _BINS_LOCK:
+            state = _BINS.get((str(path), version))
+        if state is None:
+            state = _torch_load(f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(path), where)
+            if FileVersion.of(fd) != version:
+                raise AdapterChangedError(f"{where} changed while it was being read; nothing built from it is kept; "
+                                          f"run again")
+            with _BINS_LOCK:
+                _BINS[(str(path), version)] = state
+                while len(_BINS) > 4:
+                    _BINS.popitem(last=False)
+    finally:
+        os.close(fd)
+    return state, version
 
 
-@functools.lru_cache(maxsize=4)
-def _load_bin_cached(path: str, mtime_ns: int, size: int) -> dict[str, Tensor]:
+def _torch_load(path: str, where: str) -> dict[str, Tensor]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # pre-zipfile format: no mmap
-
-
-def _load_bin(path: Path, name: str) -> dict[str, Tensor]:
-    """A legacy adapter_model.bin, only ever through torch.load(weights_only=True): never unpickle code."""
-    stat = path.stat()
-    try:
-        state = _load_bin_cached(str(path), stat.st_mtime_ns, stat.st_size)
-    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...
-        raise AdapterError(f"adapter {name!r}: {path.name} cannot be read with torch.load(weights_only=True) "
-                           f"({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
-        raise AdapterError(f"adapter {name!r}: {path.name} must hold a dict of tensors")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # pre-zipfile format: no mmap
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...: all mean "not a weights file"
+        raise AdapterError(f"{where} cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: "
+                           f"{show(str(exc), 200)})") from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, Tensor) for k, t in state.items()):
+        raise AdapterError(f"{where} must hold a dict of named tensors")
     return state
 
 
@@ -329,9 +663,9 @@ def _unexpected(key: str, config: Mapping[str, Any], name: str, expected: str) -
     modules_to_save = config.get("modules_to_save") or []
     rest = key.removeprefix(PREFIX)
     if any(re.search(rf"(^|\.){re.escape(m)}\.", rest) for m in modules_to_save):
-        raise AdapterError(f"adapter {name!r}: tensor {key!r} is a full weight saved by modules_to_save="
-                           f"{list(modules_to_save)}; merging trained copies of whole modules is not supported")
-    raise AdapterError(f"adapter {name!r}: unexpected tensor {key!r}; expected only {expected}")
+        raise AdapterError(f"adapter {name!r}: tensor {show(key)} is a full weight saved by modules_to_save="
+                           f"{show(list(modules_to_save))}; merging trained copies of whole modules is not supported")
+    raise AdapterError(f"adapter {name!r}: unexpected tensor {show(key)}; expected only {expected}")
 
 
 def _check_float(dtype: Any, where: str) -> None:
@@ -339,72 +673,76 @@ def _check_float(dtype: Any, where: str) -> None:
         raise AdapterError(f"{where} has dtype {dtype}; expected float64, float32, float16 or bfloat16")
 
 
-def _lora_modules(header: Mapping[str, tuple[Any, tuple[int, ...]]], config: Mapping[str, Any],
-                  name: str) -> dict[str, ModuleSpec]:
+def _check_targeted(rules: ConfigRules, module: str, name: str) -> None:
+    why = rules.not_targeted(module)
+    if why is not None:
+        raise AdapterError(f"adapter {name!r}: module {show(module)} has adapter weights, but {why} in {CONFIG_NAME}; "
+                           f"PEFT would not adapt this module and would drop its weights when loading the adapter")
+
+
+def _lora_modules(header: Mapping[str, tuple[Any, tuple[int, ...]]], config: Mapping[str, Any], name: str,
+                  rules: ConfigRules) -> dict[str, ModuleSpec]:
     keys: dict[str, dict[str, str]] = {}
     ambiguous: list[str] = []
     specific = (".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector", ".lora_B.bias")
     for key in sorted(header, key=lambda k: not k.endswith(specific)):  # the most telling refusal first
         rest = key.removeprefix(PREFIX)
         if rest == key:
-            raise AdapterError(f"adapter {name!r}: unexpected tensor {key!r}; expected keys starting with {PREFIX!r}")
+            raise AdapterError(f"adapter {name!r}: unexpected tensor {show(key)}; expected keys starting with "
+                               f"{PREFIX!r}")
         if rest.endswith((".lora_A.weight", ".lora_B.weight")):
             module, slot = rest[: -len(".lora_A.weight")], rest[-len("A.weight")]
             keys.setdefault(module, {})[slot] = key
         elif rest.endswith((".lora_embedding_A", ".lora_embedding_B")):
-            raise AdapterError(f"adapter {name!r}: module {rest.rsplit('.', 1)[0]!r} is an embedding LoRA; only "
+            raise AdapterError(f"adapter {name!r}: module {show(rest.rsplit('.', 1)[0])} is an embedding LoRA; only "
                                f"LoRA on linear layers is supported (retrain without it in target_modules)")
         elif rest.endswith(".lora_velora_embed") and _is_set(config.get("velora_config")):
             continue  # VeLoRA's training-time activation compression state
         elif rest.endswith(".lora_magnitude_vector"):
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} is a DoRA magnitude; DoRA cannot be merged exactly")
+            raise AdapterError(f"adapter {name!r}: tensor {show(key)} is a DoRA magnitude; DoRA cannot be merged "
+                               f"exactly")
         elif rest.endswith(".lora_B.bias"):
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} is a lora_B bias (lora_bias); cannot merge exactly")
+            raise AdapterError(f"adapter {name!r}: tensor {show(key)} is a lora_B bias (lora_bias); cannot merge "
+                               f"exactly")
         else:
             _unexpected(key, config, name, "*.lora_A.weight and *.lora_B.weight")
     modules = {}
     for module, pair in sorted(keys.items()):
+        where = f"adapter {name!r}: module {show(module)}:"
         if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise AdapterError(f"adapter {name!r}: module {module!r} has no {missing}.weight tensor")
+            raise AdapterError(f"{where} has no {'lora_B' if 'A' in pair else 'lora_A'}.weight tensor")
+        _check_targeted(rules, module, name)
         (a_dtype, a_shape), (b_dtype, b_shape) = header[pair["A"]], header[pair["B"]]
-        where = f"adapter {name!r}: module {module!r}:"
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise AdapterError(f"{where} lora_A {list(a_shape)} / lora_B {list(b_shape)} are not matrices (a conv "
                                f"LoRA?); only LoRA on linear layers is supported")
         _check_float(a_dtype, f"{where} lora_A")
         _check_float(b_dtype, f"{where} lora_B")
-        r, n = a_shape
-        m = b_shape[0]
-        if b_shape[1] != r or r < 1:
-            raise AdapterError(f"{where} lora_A is {r}x{n} and lora_B is {b_shape[0]}x{b_shape[1]}; expected lora_B "
-                               f"(out, r) and lora_A (r, in) with the same r >= 1")
-        expected_r, _ = resolve_rank_alpha(config, module)
+        (r, n), (m, r_b) = a_shape, b_shape  # lora_A (r, in), lora_B (out, r)
+        if min(r, n, m, r_b) < 1:
+            raise AdapterError(f"{where} lora_A is {r}x{n} and lora_B is {m}x{r_b}: a module of zero size; expected "
+                               f"r, in_features and out_features >= 1")
+        if r_b != r:
+            raise AdapterError(f"{where} lora_A is {r}x{n} and lora_B is {m}x{r_b}; expected lora_B (out, r) and "
+                               f"lora_A (r, in) with the same r")
+        expected_r, _ = rules.rank_alpha(module)
         if r != expected_r:
-            raise AdapterError(f"{where} stored rank {r} but the config (r / rank_pattern) gives {expected_r}"
-                               f"{_order_hint(config.get('rank_pattern') or {}, module)}")
-        if _order_hint(config.get("alpha_pattern") or {}, module):
+            raise AdapterError(f"{where} stored rank {r} but the config (r / rank_pattern) gives {show(expected_r)}"
+                               f"{rules.order_hint(rules.ranks, rules.rank_pattern, module)}")
+        if rules.order_hint(rules.alphas, rules.alpha_pattern, module):
             ambiguous.append(module)
         modules[module] = ModuleSpec(name=module, a_key=pair["A"], b_key=pair["B"], rank=r, out_features=m,
-                                     in_features=n, scale=lora_scale(config, module), kind="lora")
+                                     in_features=n, scale=rules.scale(module), kind="lora")
     if ambiguous:
-        log.warning("adapter %r: %d modules (e.g. %r) match several alpha_pattern keys with different alphas; "
+        log.warning("adapter %r: %d modules (e.g. %s) match several alpha_pattern keys with different alphas; "
                     "using the first in adapter_config.json, as PEFT does when it loads the adapter (PEFT saves the "
-                    "keys sorted, so the order used in training may have differed)", name, len(ambiguous), ambiguous[0])
+                    "keys sorted, so the order used in training may have differed)", name, len(ambiguous),
+                    show(ambiguous[0]))
     return modules
 
 
-def _order_hint(patterns: Mapping[str, Any], module: str) -> str:
-    """A note when several pattern keys with different values match ``module`` (their order decides)."""
-    matching = [key for key in patterns if re.match(rf"(.*\.)?({key})$", module)]
-    if len({json.dumps(patterns[k]) for k in matching}) < 2:
-        return ""
-    return (f" (keys {matching} all match it and the first in adapter_config.json wins; PEFT saves them sorted, so "
-            f"the order used in training is lost and PEFT itself cannot load this adapter)")
-
-
 def _vera_modules(header: Mapping[str, tuple[Any, tuple[int, ...]]], config: Mapping[str, Any], name: str,
-                  in_overrides: Mapping[str, int]) -> dict[str, ModuleSpec]:
+                  in_overrides: Mapping[str, int], rules: ConfigRules) -> dict[str, ModuleSpec]:
     if VERA_A_KEY not in header or VERA_B_KEY not in header:
         raise AdapterError(f"adapter {name!r}: VeRA projections {VERA_A_KEY} / {VERA_B_KEY} are missing from the "
                            f"weights; re-save with save_projection=True")
@@ -412,9 +750,9 @@ def _vera_modules(header: Mapping[str, tuple[Any, tuple[int, ...]]], config: Map
     _check_float(va_dtype, f"adapter {name!r}: {VERA_A_KEY}")
     _check_float(vb_dtype, f"adapter {name!r}: {VERA_B_KEY}")
     r = config.get("r", 256)
-    if len(va) != 2 or len(vb) != 2 or va[0] != r or vb[1] != r:
+    if len(va) != 2 or len(vb) != 2 or va[0] != r or vb[1] != r or va[1] < 1 or vb[0] < 1:
         raise AdapterError(f"adapter {name!r}: VeRA projections vera_A {list(va)} / vera_B {list(vb)}; expected "
-                           f"({r}, max_in) and (max_out, {r}) for r={r}")
+                           f"({r}, max_in) and (max_out, {r}) for r={r}, max_in and max_out >= 1")
     keys: dict[str, dict[str, str]] = {}
     for key in header:
         rest = key.removeprefix(PREFIX)
@@ -426,15 +764,16 @@ def _vera_modules(header: Mapping[str, tuple[Any, tuple[int, ...]]], config: Map
             _unexpected(key, config, name, "the VeRA projections and *.vera_lambda_b / *.vera_lambda_d")
     modules = {}
     for module, pair in sorted(keys.items()):
-        where = f"adapter {name!r}: module {module!r}:"
+        where = f"adapter {name!r}: module {show(module)}:"
         if set(pair) != {"b", "d"}:
             raise AdapterError(f"{where} has no vera_lambda_{'d' if 'b' in pair else 'b'} tensor")
+        _check_targeted(rules, module, name)
         (b_dtype, b_shape), (d_dtype, d_shape) = header[pair["b"]], header[pair["d"]]
         _check_float(b_dtype, f"{where} vera_lambda_b")
         _check_float(d_dtype, f"{where} vera_lambda_d")
-        if len(b_shape) != 1 or len(d_shape) != 1 or d_shape[0] != r or b_shape[0] > vb[0]:
+        if len(b_shape) != 1 or len(d_shape) != 1 or d_shape[0] != r or not 1 <= b_shape[0] <= vb[0]:
             raise AdapterError(f"{where} vera_lambda_b {list(b_shape)} / vera_lambda_d {list(d_shape)}; expected "
-                               f"(out <= {vb[0]},) and ({r},)")
+                               f"(out,) with 1 <= out <= {vb[0]} and ({r},)")
         n = in_overrides.get(module, va[1])
         if not 1 <= n <= va[1]:
             raise AdapterError(f"{where} in_features {n} does not fit vera_A's {va[1]} columns")
@@ -445,9 +784,10 @@ def _vera_modules(header: Mapping[str, tuple[Any, tuple[int, ...]]], config: Map
 
 @contextmanager
 def _tensor_reader(src: AdapterSource) -> Iterator[Callable[..., Tensor]]:
-    """``get(key, rows=None, cols=None)``: a tensor (or its leading rows/columns) from the weights file."""
+    """``get(key, rows=None, cols=None)``: a tensor (or its leading rows/columns) from the weights file, which
+    must still be the version :func:`open_adapter` read (else :class:`AdapterChangedError`)."""
     if src.weights_file.name == BIN_NAME:
-        state = _load_bin(src.weights_file, src.name)
+        state, _ = _load_bin(src.weights_file, src.name, expect=src.weights_version)
 
         def get_bin(key: str, rows: int | None = None, cols: int | None = None) -> Tensor:
             t = state[key]
@@ -455,76 +795,14 @@ def _tensor_reader(src: AdapterSource) -> Iterator[Callable[..., Tensor]]:
 
         yield get_bin
         return
-    try:
-        start, entries, _ = _index(src.weights_file)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AdapterError(f"adapter {src.name!r}: {src.weights_file.name} cannot be opened ({exc})") from exc
+    where = f"adapter {src.name!r}: {src.weights_file.name}"
+    with open_safetensors(src.weights_file, where=where, expect=src.weights_version) as f:
 
-    def get_st(key: str, rows: int | None = None, cols: int | None = None) -> Tensor:
-        try:
-            t = _read_entry(src.weights_file, start, entries[key])
-        except OSError as exc:
-            raise AdapterError(f"adapter {src.name!r}: {src.weights_file.name}: cannot read tensor {key!r} ({exc})") from exc
-        return t if rows is None and cols is None else (t[:rows] if cols is None else t[:rows, :cols])
+        def get_st(key: str, rows: int | None = None, cols: int | None = None) -> Tensor:
+            t = f.tensor(key)  # the header is the one open_adapter checked: same version, so it holds key
+            return t if rows is None and cols is None else (t[:rows] if cols is None else t[:rows, :cols])
 
-    yield get_st
-
-
-@functools.lru_cache(maxsize=64)
-def _safetensors_index(path: str, size: int, mtime_ns: int, inode: int) -> tuple[int, dict[str, tuple], dict[str, str]]:
-    """(where the data starts, {key: (torch dtype, shape, begin, end)}, metadata) of a safetensors file,
-    per version of the file: its header is parsed once, not once per module (a 1B merge reads 112
-    modules from each adapter). open_adapter has checked an adapter's header against the file and
-    safetensors' own reader; the pipeline's shard files are checked against their sha256 first."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    metadata = header.pop("__metadata__", None) or {}
-    return 8 + n, {key: (_ST_FLOATS[info["dtype"]], tuple(int(d) for d in info["shape"]), *info["data_offsets"])
-                   for key, info in header.items() if info["dtype"] in _ST_FLOATS}, metadata
-
-
-def _index(path: str | os.PathLike) -> tuple[int, dict[str, tuple], dict[str, str]]:
-    """:func:`_safetensors_index` of the file's current version."""
-    return _safetensors_index(str(path), *_file_version(Path(path)))
-
-
-def safetensors_index(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """({key: shape} of a safetensors file's float tensors, its metadata), from its header alone."""
-    _, entries, metadata = _index(path)
-    return {key: entry[1] for key, entry in entries.items()}, dict(metadata)
-
-
-def read_tensors(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, Tensor]:
-    """Tensors of a safetensors file, each read with one read() into memory of its own (nothing stays
-    mapped); the header is parsed once per version of the file."""
-    start, entries, _ = _index(path)
-    return {key: _read_entry(Path(path), start, entries[key]) for key in keys}
-
-
-def _read_entry(path: Path, start: int, entry: tuple) -> Tensor:
-    """One tensor of a safetensors file from its :func:`_safetensors_index` entry."""
-    dtype, shape, begin, stop = entry
-    return _read_span(path, start + begin, stop - begin, dtype, shape)
-
-
-def _read_span(path: Path, offset: int, size: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    """``size`` bytes at ``offset`` of a file as a tensor: one read into fresh memory, so nothing of the
-    file stays mapped into the process (a 70B adapter set would otherwise count in its RSS)."""
-    if sys.byteorder != "little":
-        raise OSError("reading safetensors files needs a little-endian machine")
-    if size == 0:
-        return torch.empty(shape, dtype=dtype)
-    buffer = bytearray(size)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        view, done = memoryview(buffer), 0
-        while done < size:
-            got = f.readinto(view[done:])
-            if not got:
-                raise OSError(f"{path} ended {size - done} bytes early (changed while it was read?)")
-            done += got
-    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        yield get_st
 
 
 def all_finite(t: Tensor) -> bool:
@@ -540,7 +818,9 @@ def load_factors(src: AdapterSource, module: str, *, dtype: torch.dtype = torch.
                  device: str | torch.device = "cpu") -> LoraFactors:
     """One module's factors with the adapter's scale folded into ``b`` once: ``delta = b @ a`` (out, in).
 
-    Reads just that module's tensors. NaN/Inf in a stored tensor (or after folding) is an AdapterError.
+    Reads just that module's tensors, from the version of the weights file :func:`open_adapter` checked:
+    a file replaced or rewritten since (even with its size and mtime kept) is an
+    :class:`AdapterChangedError`. NaN/Inf in a stored tensor (or after folding) is an AdapterError.
 
     Example:
         >>> f = load_factors(open_adapter("adapters/snli"), "model.layers.0.self_attn.q_proj")  # doctest: +SKIP
@@ -549,7 +829,7 @@ def load_factors(src: AdapterSource, module: str, *, dtype: torch.dtype = torch.
     """
     spec = src.modules.get(module)
     if spec is None:
-        raise AdapterError(f"adapter {src.name!r}: has no module {module!r}")
+        raise AdapterError(f"adapter {src.name!r}: has no module {show(module)}")
     copy = src.weights_file.name == BIN_NAME  # never hand out the cached .bin tensors themselves
 
     def finite(t: Tensor, key: str) -> Tensor:
@@ -607,56 +887,6 @@ def check_compatible(sources: Sequence[AdapterSource]) -> None:
 def union_modules(sources: Sequence[AdapterSource]) -> list[str]:
     """Sorted union of the adapters' module names (an adapter lacking a module sits out its merge)."""
     return sorted(set().union(*(src.modules for src in sources)))
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-_KNOWN: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()  # path -> (version, sha256)
-_KNOWN_MAX = 65536  # ~10 MB of entries: a 70B sweep's shard files
-_KNOWN_LOCK = threading.Lock()  # writers run in threads (the pipeline writes two shard files at a time)
-
-
-def _file_version(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def remember_sha256(path: str | os.PathLike, sha: str, version: tuple[int, int, int] | None = None) -> None:
-    """Note that ``path`` (whole and closed; as of ``version``, default now) hashes to ``sha``."""
-    path = Path(path)
-    key, version = str(path.resolve()), version or _file_version(path)
-    with _KNOWN_LOCK:
-        _KNOWN[key] = (version, sha)
-        _KNOWN.move_to_end(key)
-        while len(_KNOWN) > _KNOWN_MAX:
-            _KNOWN.popitem(last=False)
-
-
-def known_sha256(path: str | os.PathLike) -> str:
-    """:func:`file_sha256`, read and computed once per version of the file in a process.
-
-    A version is the file's size, modification time and inode (what build tools trust too). A
-    file this process wrote (:func:`write_adapter`, the pipeline's shard files) was hashed as it
-    was written and is not read back; a sweep's 16 merge reports hash their 4 input files once,
-    not 16 times. Raises OSError if the file is missing.
-    """
-    path = Path(path)
-    key, version = str(path.resolve()), _file_version(path)
-    with _KNOWN_LOCK:
-        seen = _KNOWN.get(key)
-    if seen is not None and seen[0] == version:
-        return seen[1]
-    sha = file_sha256(path)
-    if _file_version(path) == version:  # not changed while it was read
-        remember_sha256(path, sha, version)
-    return sha
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -720,10 +950,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-# safetensors' names for the dtypes a merged adapter can be written in.
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-
-
 def _tensor_layout(modules: Mapping[str, LowRank | StoredLowRank],
                    config: Mapping[str, Any]) -> dict[str, tuple[str, str, tuple[int, int]]]:
     """tensor name -> (module, part, shape) for every tensor of the merged adapter, checked against ``config``."""
@@ -755,34 +981,6 @@ def _module_tensors(module: str, lr: LowRank, dtype: torch.dtype) -> dict[str, T
     return out
 
 
-def safetensors_header(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, metadata: Mapping[str, str]) -> bytes:
-    """The first bytes of a single-dtype safetensors file, as ``safetensors.torch.save`` writes them.
-
-    An 8-byte little-endian length, then the JSON header (``__metadata__`` first, then each tensor's
-    dtype, shape and data offsets, in sorted name order) padded with spaces to a multiple of 8. The
-    tensors' bytes follow in sorted name order.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name in sorted(shapes):
-        size = math.prod(shapes[name]) * itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
-def tensor_bytes(t: Tensor) -> memoryview:
-    """A contiguous CPU tensor's bytes as they lie in memory, which is safetensors' layout (little-endian)."""
-    if sys.byteorder != "little":
-        raise OSError("writing safetensors files needs a little-endian machine")
-    # reshape(-1): a contiguous tensor with a last dimension of size 1 may have any stride there
-    return t.reshape(-1).view(torch.uint8).numpy().data
-
-
 def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
                    layout: Mapping[str, tuple[str, str, tuple[int, int]]], dtype: torch.dtype,
                    metadata: Mapping[str, str]) -> str:
@@ -809,45 +1007,41 @@ def _save_streamed(path: Path, modules: Mapping[str, LowRank | StoredLowRank],
         return write_hashed(f, chunks())[0]
 
 
-def write_hashed(f: BinaryIO, chunks: Iterable[bytes | memoryview]) -> tuple[str, int]:
-    """Write ``chunks`` to the open file ``f``, hashing them on the way out; (sha256, bytes written)."""
-    digest, size = hashlib.sha256(), 0
-    for chunk in chunks:
-        f.write(chunk)
-        digest.update(chunk)
-        size += memoryview(chunk).nbytes
-    return digest.hexdigest(), size
-
-
 def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank | StoredLowRank], *, config: dict,
-                  report: dict | None, dtype: torch.dtype, force: bool = False) -> Path:
+                  report: dict | None, dtype: torch.dtype, force: bool = False,
+                  owned: Callable[[Path], bool] | None = None, staging: Path | None = None) -> Path:
     """Write a PEFT LoRA adapter directory atomically; returns its path.
 
-    Everything is written into a temporary directory next to ``out_dir`` and renamed into place, so
-    ``out_dir`` is either absent/untouched or complete. An existing ``out_dir`` is refused unless
-    ``force``; with ``force`` it is replaced only after the new one is complete, and only if it looks
-    like an adapter directory (empty or holding adapter_config.json). Same inputs, same bytes.
-    ``modules`` may hold :class:`StoredLowRank` entries: they are loaded one at a time while the
-    weights file is written, so the merged adapter never has to fit in memory all at once.
+    Everything is written into a temporary directory next to ``out_dir``
+    (``.NAME.tmp-<host>-<pid>-XXXX``, or ``staging`` from :func:`reserve_output`) and renamed into
+    place, so ``out_dir`` is either absent/untouched or complete. An existing ``out_dir`` is refused
+    unless ``force``; with ``force`` it is replaced only after the new one is complete, and only if
+    :func:`check_output` allows it: a merged adapter this tool wrote (:func:`is_merged_adapter`) or an
+    empty directory, or, when ``owned`` is given, a directory for which ``owned`` says True (the
+    pipeline's rule: its manifest may know a damaged output as its own). Never a symlink or a file.
+    The old directory is swapped out in one step where the system allows it (``renameat2``), so
+    there is no moment without ``out_dir``. Same inputs, same bytes. ``modules`` may hold
+    :class:`StoredLowRank` entries: they are loaded one at a time while the weights file is written,
+    so the merged adapter never has to fit in memory all at once.
 
     Example:
         >>> write_adapter("merged/", merged, config=adapter_config_for(srcs, ranks), report=None,
         ...               dtype=torch.bfloat16)                                # doctest: +SKIP
     """
-    out = Path(out_dir)
-    if os.path.lexists(out):
-        if not force:
-            raise ValueError(f"output directory {out} exists; pass --force to overwrite it")
-        if not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file()):
-            raise ValueError(f"output directory {out} exists and is not an adapter directory (no {CONFIG_NAME}); "
-                             f"refusing to replace it even with --force")
-    if not modules:
-        raise ValueError("no merged modules to write")
-    if dtype not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"cannot write an adapter in {dtype}; expected one of {list(_SAFETENSORS_DTYPES)}")
-    layout = _tensor_layout(modules, config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    given = Path(out_dir)
+    out = Path(os.path.abspath(given))  # "." or "merged/..": the directory's own name and real parent
+    try:
+        check_output(given, force=force, owned=owned)
+        if not modules:
+            raise ValueError("no merged modules to write")
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot write an adapter in {dtype}; expected one of {list(_SAFETENSORS_DTYPES)}")
+        layout = _tensor_layout(modules, config)
+        tmp = staging if staging is not None else reserve_output(given, force=force, owned=owned)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         sha = _save_streamed(tmp / SAFETENSORS_NAME, modules, layout, dtype, {"format": "pt"})
         (tmp / CONFIG_NAME).write_bytes(_json_bytes(config))
@@ -862,22 +1056,224 @@ def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank | St
         raise
     remember_sha256(out / SAFETENSORS_NAME, sha)  # renaming the directory kept the file's inode and mtime
     log.info("wrote %d modules to %s", len(modules), out)
-    return out
+    return given
+
+
+def is_merged_adapter(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory holding a ``merge_report.json`` that this tool wrote: a JSON object
+    with ``coremerge_version`` and ``inputs``, as :func:`coremerge.merge.build_report` makes it.
+
+    Example:
+        >>> is_merged_adapter("adapters/snli")  # an input adapter has no report   # doctest: +SKIP
+        False
+    """
+    report_file = Path(path) / REPORT_NAME
+    try:
+        if Path(path).is_symlink() or report_file.stat().st_size > _MAX_REPORT_BYTES:
+            return False
+        report = json.loads(report_file.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return (isinstance(report, dict) and isinstance(report.get("coremerge_version"), str)
+            and isinstance(report.get("inputs"), list))
+
+
+_MAX_REPORT_BYTES = 256 << 20  # a report lists modules: megabytes for the largest models, never this
+
+
+def check_output(out: str | os.PathLike, *, force: bool = False, owned: Callable[[Path], bool] | None = None) -> None:
+    """Refuse (ValueError, one line) an output directory that may not be written.
+
+    ``out`` must not exist, or be a directory that ``force`` may replace: an empty one or a merged
+    adapter (:func:`is_merged_adapter`); when ``owned`` is given, it decides instead (its rule must
+    itself refuse directories the caller did not write). A symlink, a file, or a path under a file
+    is refused even with ``force``. Writability is tested by :func:`reserve_output`.
+    """
+    from coremerge.paths import OutputPathError
+
+    shown, out = out, Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise OutputPathError(f"output {shown} is a symlink; refusing to write through it (even with --force): "
+                              f"give the directory it points to, or another path")
+    if os.path.lexists(out):
+        if not out.is_dir():
+            raise OutputPathError(f"output {shown} exists and is not a directory; choose another output directory")
+        replaceable = owned(out) if owned is not None else (_is_empty(out) or is_merged_adapter(out))
+        if not replaceable:
+            raise OutputPathError(f"output directory {shown} exists and is not an adapter directory coremerge wrote "
+                                  f"(no valid {REPORT_NAME}); refusing to replace it even with --force: "
+                                  f"choose another output directory")
+        if not force:
+            raise OutputPathError(f"output directory {shown} exists; pass --force to overwrite it")
+        return
+    above = _existing_ancestor(out)
+    if not above.is_dir():
+        raise OutputPathError(f"output {shown}: {above} is a file, not a directory; choose another output directory")
+
+
+def reserve_output(out: str | os.PathLike, *, force: bool = False,
+                   owned: Callable[[Path], bool] | None = None) -> Path:
+    """Check ``out`` (:func:`check_output`) and create the temporary directory the adapter is written
+    into, next to it: this is the honest test that ``out`` can be written (root passes access checks;
+    a read-only file system does not). Returns the temp directory, for :func:`write_adapter`'s
+    ``staging``; remove it if the write never happens. ValueError (one line) if it cannot be made.
+
+    Example:
+        >>> staging = reserve_output("merged/", force=True)  # doctest: +SKIP
+    """
+    import errno
+
+    from coremerge.paths import OutputPathError
+
+    shown, out = out, Path(os.path.abspath(out))
+    check_output(shown, force=force, owned=owned)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=_leftover_prefix(out, "tmp"), dir=out.parent))
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
+                             errno.ENAMETOOLONG, errno.ELOOP):
+            raise  # a full disk, an I/O error: the CLI says so with exit 1
+        where = err.filename or out.parent
+        raise OutputPathError(f"cannot write output {shown}: {where}: {err.strerror or err}; "
+                              f"choose a directory you can write") from None
+
+
+def clean_dead_leftovers(out: str | os.PathLike) -> list[Path]:
+    """Remove what writers of ``out`` that died on this host left next to it; returns what it removed.
+
+    A writer's temp directory ``.NAME.tmp-<host>-<pid>-XXXX`` (a half-written adapter, or the old one
+    after an exchange) and backup ``.NAME.old-<host>-<pid>-XXXX`` (the old adapter, moved aside) name
+    the writer: those of a process that is no longer alive on this host are removed, except that a
+    backup is moved back to ``out`` when ``out`` is missing (the writer died between its two renames).
+    Leftovers of live writers, other hosts and unknown names are left alone.
+
+    Example:
+        >>> clean_dead_leftovers("merged/")  # doctest: +SKIP
+        [PosixPath('.merged.tmp-node1-4242-k2j3h4g5')]
+    """
+    import glob
+
+    out = Path(os.path.abspath(out))
+    host = _host()
+    dead: list[tuple[str, Path]] = []
+    for kind in ("old", "tmp"):
+        prefix = f".{out.name}.{kind}-{host}-"
+        try:
+            entries = sorted(out.parent.glob(glob.escape(prefix) + "*"))
+        except OSError:
+            return []
+        for entry in entries:
+            pid = entry.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)) and not entry.is_symlink():
+                dead.append((kind, entry))
+    removed = []
+    for kind, entry in dead:
+        if kind == "old" and not os.path.lexists(out) and entry.is_dir():
+            try:
+                os.rename(entry, out)
+                log.warning("restored %s from %s, which a writer that died left", out, entry.name)
+                continue
+            except OSError:
+                pass
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        log.info("removed %d leftover(s) of dead writers next to %s", len(removed), out)
+    return removed
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return next(os.scandir(path), None) is None
+    except OSError:
+        return False
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path("/")
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _leftover_prefix(out: Path, kind: str) -> str:
+    """``.NAME.<kind>-<host>-<pid>-``: a temp ("tmp") or backup ("old") directory's name up to mkdtemp's suffix."""
+    return f".{out.name}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable[..., int] | None:
+    """libc's ``renameat2`` (Linux, glibc >= 2.28), or None."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where the system or file system does not offer it."""
+    import ctypes
+    import errno
+
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(src), None, os.fspath(dst))
 
 
 def _replace_dir(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
+    """Put the directory ``new`` at ``out``. An existing ``out`` is exchanged with ``new`` in one step
+    (``renameat2(RENAME_EXCHANGE)``) where possible, else moved aside to ``.NAME.old-...`` first; the
+    old directory is deleted only once the new one is in place."""
     if not os.path.lexists(out):
-        os.rename(new, out)
+        if not _rename2(new, out, _RENAME_NOREPLACE):
+            os.rename(new, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.rename(out, old)
-    try:
-        os.rename(new, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
+    if _rename2(new, out, _RENAME_EXCHANGE):
+        old = new  # the exchange left the old directory under the temp name
+    else:
+        old = Path(tempfile.mkdtemp(prefix=_leftover_prefix(out, "old"), dir=out.parent))
+        os.rmdir(old)
+        os.rename(out, old)
+        try:
+            os.rename(new, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
     if old.is_symlink():
         old.unlink()
     else:

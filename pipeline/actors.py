@@ -21,9 +21,10 @@ import torch
 from coremerge.allocator import keep_freed_memory
 from coremerge.merge import open_all
 from coremerge.peft_io import AdapterSource
+from coremerge.safetensors_file import FileVersion
 
 from pipeline.assemble import AssemblyWork, run_assembly
-from pipeline.worker import ShardWork, failed_records, run_shard
+from pipeline.worker import ShardWork, changed_input, failed_records, run_shard
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +60,43 @@ class MergeWorker:
         """A shard's records, or an assembly's one record (see run_shard and run_assembly)."""
         try:
             sources = self._open(work.adapters)
+            error = changed_input(sources, work.inputs) if work.inputs else None
+            if error is not None:  # this actor's copy may be stale: look again once
+                self._sources.pop(work.adapters, None)
+                sources = self._open(work.adapters)
+                error = changed_input(sources, work.inputs)
         except (ValueError, OSError) as err:
             error = "cannot open the adapters: " + " ".join(str(err).split())
+        if error is None:
             if isinstance(work, AssemblyWork):
-                return [{"merge": work.merge.name, "status": "failed", "error": error}]
-            return failed_records(work, error)
+                records = run_assembly(work, sources, device=self.device)
+            else:
+                records = run_shard(work, sources, device=self.device, hooks=self.hooks)
+            if any(r.get("status") != "done" for r in records):
+                self._sources.pop(work.adapters, None)  # an input may have changed under it: open afresh next time
+            return records
+        self._sources.pop(work.adapters, None)
         if isinstance(work, AssemblyWork):
-            return run_assembly(work, sources, device=self.device)
-        return run_shard(work, sources, device=self.device, hooks=self.hooks)
+            return [{"merge": work.merge.name, "status": "failed", "error": error}]
+        return failed_records(work, error)
 
     def _open(self, adapters: tuple[str, ...]) -> list[AdapterSource]:
-        if adapters in self._sources:
+        """The adapters, opened once per version of their files: a set whose weights file changed since
+        (one stat each) is opened again, so that the caller compares what the files hold now."""
+        if adapters in self._sources and all(_unchanged(src) for src in self._sources[adapters]):
             self._sources.move_to_end(adapters)
         else:
             self._sources[adapters] = open_all(adapters)
             while len(self._sources) > MAX_OPEN_SETS:
                 self._sources.popitem(last=False)
         return self._sources[adapters]
+
+
+def _unchanged(src: AdapterSource) -> bool:
+    try:
+        return FileVersion.of_path(src.weights_file) == src.weights_version
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)

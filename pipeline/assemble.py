@@ -27,7 +27,7 @@ from coremerge.peft_io import AdapterSource, known_sha256
 from coremerge.types import StoredLowRank
 
 from pipeline.config import MergeSpec
-from pipeline.worker import shard_intact, stored_modules
+from pipeline.worker import InputVersion, hashed, shard_intact, stored_modules
 
 WEIGHTS_NAME = peft_io.SAFETENSORS_NAME
 
@@ -64,7 +64,7 @@ def assemble(output_dir: Path, merge: MergeSpec, sources: Sequence[AdapterSource
     if not owns_output(out, known=owned):
         raise ValueError(f"{out} exists and is not an adapter coremerge wrote; refusing to replace it")
     out = Path(finish(out, sources, options, merged, out_dtype=parse_dtype(merge.out_dtype), timings=timings,
-                      force=True))
+                      force=True, owned=lambda path: owns_output(path, known=owned)))
     digest = output_digest(out, key)
     if digest is None:
         raise ValueError(f"{out} disappeared right after it was written")
@@ -93,16 +93,7 @@ def owns_output(out: Path, *, known: bool) -> bool:
         return True
     if out.is_symlink() or not out.is_dir():
         return False
-    return known or not any(out.iterdir()) or is_merged_adapter(out)
-
-
-def is_merged_adapter(path: Path) -> bool:
-    """Whether ``path`` holds a ``merge_report.json`` that coremerge wrote (a JSON object naming its version)."""
-    try:
-        report = json.loads((path / peft_io.REPORT_NAME).read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(report, dict) and "coremerge_version" in report
+    return known or not any(out.iterdir()) or peft_io.is_merged_adapter(out)
 
 
 @dataclass(frozen=True)
@@ -114,6 +105,7 @@ class AssemblyWork:
     rows: tuple[Mapping[str, object], ...]  # the manifest rows of the merge's shards
     key: str  # what the merge is made from (Plan.output_keys): part of the directory's digest
     owned: bool = False  # the manifest says this job wrote the directory before (it may replace it)
+    inputs: tuple[InputVersion, ...] = ()  # what the shards were merged from: the report names these
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -134,4 +126,5 @@ def run_assembly(work: AssemblyWork, sources: Sequence[AdapterSource], *, device
         text = " ".join(str(err).split()) or type(err).__name__
         return [{"merge": work.merge.name, "status": "failed", "error": f"assembly: {text}"}]
     return [{"merge": work.merge.name, "status": "done", "path": str(path), "sha256": sha, "digest": digest,
+             "hashed": hashed([path / WEIGHTS_NAME]),
              "seconds": round(time.perf_counter() - started, 3), "worker": f"{socket.gethostname()}:{os.getpid()}"}]

@@ -9,6 +9,8 @@ Example job file::
     output_dir: out/
     workers: 2                 # default: one per GPU, or one per 2 CPUs without GPUs
     gpus_per_worker: 1         # default: 1 when the cluster has GPUs, else 0
+    placement_timeout_s: 600   # default 600: no merge actor placed in this long -> exit 1 with the reason
+    stall_timeout_s: 900       # default 900: no shard finished in this long -> log what each actor does
     merges:
       - name: nli-tsv
         adapters: [adapters/snli, adapters/mnli, {path: adapters/rte, weight: 0.5}]
@@ -19,8 +21,18 @@ Example job file::
         adapters: [adapters/snli, adapters/mnli, adapters/rte]
         method: [ta, ties, tsv, iso_c]
         alpha: [0.3, 0.5, 0.7, 0.9]      # -> nli-sweep-ta-a0.3, nli-sweep-ta-a0.5, ...
+        params: {density: [0.3, 0.7]}    # ties only: nli-sweep-ties-a0.3-density0.3, ...
 
-Relative paths (adapters, output_dir) resolve against the job file's directory.
+A swept hyper-parameter (a list under ``params``) goes only to the methods that take it, and a swept
+``seed`` only to the random methods (dare, dare_ties); a member's name carries only the values that
+apply to it. The example sweep is 20 merges: ta, tsv and iso_c once per alpha (3 x 4), ties once per
+alpha and density (4 x 2). A swept key that applies to none of the sweep's methods is an error.
+
+Relative paths (adapters, output_dir) resolve against the job file's directory. Duplicate keys (at any
+level) are refused. No merge may write where it would destroy an input: no ``output_dir/<name>`` (nor
+the job's own ``output_dir/.shards`` and ``output_dir/manifest``) may be, contain or lie inside any
+adapter of the job (symlinks resolved; see :mod:`coremerge.paths`); adapters elsewhere under
+``output_dir`` are fine. ``output_dir`` must be a directory this user can write, or creatable.
 """
 
 from __future__ import annotations
@@ -28,7 +40,10 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 import re
+import stat
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +54,7 @@ import yaml
 from coremerge import methods
 from coremerge.hub import parse_hub_id
 from coremerge.merge import MergeOptions, dtype_name, open_all, output_dtype, parse_dtype
+from coremerge.paths import OutputOverlapError, check_output_not_input
 from coremerge.peft_io import AdapterSource
 from coremerge.spaces import check_space
 
@@ -47,10 +63,12 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 RESERVED_NAMES = frozenset({"manifest"})  # output_dir/manifest holds the manifest
 
 _JOB_KEYS = ("output_dir", "workers", "gpus_per_worker", "cpus_per_worker", "shard_by",
-             "max_in_flight_per_worker", "retries", "merges", "sweeps")
+             "max_in_flight_per_worker", "retries", "placement_timeout_s", "stall_timeout_s", "merges", "sweeps")
 _MERGE_KEYS = ("name", "adapters", "method", "space", "alpha", "params", "rank", "seed", "dtype", "compute_dtype")
 _SWEPT_KEYS = ("method", "space", "alpha", "rank", "seed", "dtype", "compute_dtype")  # may be lists in a sweep
 _NAME_TOKEN = {"alpha": "a", "rank": "r", "seed": "seed"}  # sweep-member name prefix; others: the bare value
+_JOB_DIRS = (".shards", "manifest")  # what the job writes in output_dir besides the merges (pipeline.plan, .manifest)
+_MAX_JOB_BYTES = 16 << 20  # a job file of a thousand merges is a few hundred kB
 
 
 class JobSpecError(ValueError):
@@ -90,6 +108,8 @@ class JobSpec:
     shard_by: str = "layer"
     max_in_flight_per_worker: int = 2
     retries: int = 3
+    placement_timeout_s: float = 600.0  # no merge actor placed for this long: the job ends (exit 1)
+    stall_timeout_s: float = 900.0  # no shard finished for this long while work is pending: say so
 
     def merge(self, name: str) -> MergeSpec:
         return self._by_name[name]
@@ -102,11 +122,13 @@ class JobSpec:
 Sources = dict[tuple[str, ...], list[AdapterSource]]  # adapter set -> its opened adapters
 
 
-def load_job(path: str | Path, *, open_adapters: bool = True) -> tuple[JobSpec, Sources]:
+def load_job(path: str | Path, *, open_adapters: bool = True, check_writable: bool = True) -> tuple[JobSpec, Sources]:
     """Read and validate a job file; returns the spec and the opened adapter sets.
 
-    ``open_adapters=False`` checks only the file itself (``pipeline status`` does that);
-    the adapter sets are then empty and output dtypes are left as given ("auto" if none).
+    ``open_adapters=False`` checks only the file itself; the adapter sets are then empty, output
+    dtypes are left as given ("auto" if none) and outputs are checked against the adapter paths as
+    given. ``check_writable=False`` skips the test that ``output_dir`` can be written (a command that
+    only reads the job's records, on a read-only copy). Nothing is written either way.
 
     Example:
         >>> job, sources = load_job("job.yaml")  # doctest: +SKIP
@@ -115,25 +137,83 @@ def load_job(path: str | Path, *, open_adapters: bool = True) -> tuple[JobSpec, 
     """
     path = Path(path)
     where = str(path)
+    text = _read_text(path)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise JobSpecError(f"{where}: cannot read the job file ({err.strerror or err})") from None
-    try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  a SafeLoader
+        return _Loader(path, open_adapters, check_writable).job(raw)
+    except _DuplicateKeyError as err:
+        raise JobSpecError(f"{where}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
-        raise JobSpecError(f"{where}: not valid YAML{at}: {problem}") from None
-    return _Loader(path, open_adapters).job(raw)
+        raise JobSpecError(f"{where}: not valid YAML{at}: {' '.join(str(problem).split())}") from None
+    except RecursionError:
+        raise JobSpecError(f"{where}: nested too deeply (lists or mappings hundreds of levels deep); "
+                           f"a job file is a few levels deep") from None
+
+
+def _read_text(path: Path) -> str:
+    """The job file as text; JobSpecError for a directory, FIFO or device (never waits on one), a file
+    too large to be a job file, or bytes that are not UTF-8."""
+    where = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    except OSError as err:
+        raise JobSpecError(f"{where}: cannot read the job file ({err.strerror or err})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise JobSpecError(f"{where}: is {kind}; give the job's YAML file")
+        if info.st_size > _MAX_JOB_BYTES:
+            raise JobSpecError(f"{where}: {info.st_size} bytes is too large for a job file "
+                               f"(at most {_MAX_JOB_BYTES >> 20} MiB)")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(_MAX_JOB_BYTES + 1)
+    except OSError as err:
+        raise JobSpecError(f"{where}: cannot read the job file ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise JobSpecError(f"{where}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                           f"save the job file as UTF-8") from None
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives a key twice (YAML would silently keep the second)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (merge keys ``<<`` excepted)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[object, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeConstructor refuses it below
+                    continue
+                if first is not key_node:
+                    (l1, c1), (l2, c2) = ((n.start_mark.line + 1, n.start_mark.column + 1) for n in (first, key_node))
+                    at = f"lines {l1} and {l2}" if l1 != l2 else f"line {l1} (columns {c1} and {c2})"
+                    raise _DuplicateKeyError(f"duplicate key {key!r} at {at}; give each key once")
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Loader:
-    def __init__(self, path: Path, open_adapters: bool) -> None:
+    def __init__(self, path: Path, open_adapters: bool, check_writable: bool) -> None:
         self.path = path
         self.base = path.resolve().parent
         self.open_adapters = open_adapters
+        self.check_writable = check_writable
         self.sources: Sources = {}
 
     def fail(self, key: str, message: str) -> JobSpecError:
@@ -154,7 +234,10 @@ class _Loader:
             shard_by=self.choice(raw, "shard_by", "layer", SHARD_BY),
             max_in_flight_per_worker=self.integer(raw, "max_in_flight_per_worker", 2, minimum=1),
             retries=self.integer(raw, "retries", 3, minimum=0),
+            placement_timeout_s=self.number(raw, "placement_timeout_s", 600.0, minimum=0.0, strict=True),
+            stall_timeout_s=self.number(raw, "stall_timeout_s", 900.0, minimum=0.0, strict=True),
         )
+        self.output_dir(output_dir)
         merges = [self.merge(entry, f"merges[{i}]") for i, entry in enumerate(self.seq(raw, "merges"))]
         for i, entry in enumerate(self.seq(raw, "sweeps")):
             merges.extend(self.sweep(entry, f"sweeps[{i}]"))
@@ -166,8 +249,43 @@ class _Loader:
                 raise self.fail(m.where, f"duplicate merge name {m.name!r} (also at {seen[m.name]}); "
                                          f"names must be unique")
             seen[m.name] = m.where
+        self.outputs_apart_from_inputs(output_dir, merges)
         job = JobSpec(path=self.path, output_dir=output_dir, merges=tuple(merges), **settings)
         return job, self.sources
+
+    # --- where the job writes -------------------------------------------------------------
+    def output_dir(self, output_dir: Path) -> None:
+        """``output_dir`` is a directory this user can write, or can be created; nothing is written."""
+        if os.path.lexists(output_dir) and not output_dir.is_dir():
+            raise self.fail("output_dir", f"{output_dir} exists and is not a directory; give a directory "
+                                          f"(it is made if missing)")
+        above = next(p for p in (output_dir, *output_dir.parents) if os.path.lexists(p) or p == p.parent)
+        if not above.is_dir():
+            raise self.fail("output_dir", f"{output_dir} cannot be created: {above} is a file, not a directory")
+        if self.check_writable:
+            try:  # the honest test (root passes access checks; a read-only file system does not)
+                with tempfile.TemporaryFile(dir=above):  # unnamed where the system allows: nothing is left
+                    pass
+            except OSError as err:
+                made = "" if above == output_dir else f" (it would be made in {above})"
+                raise self.fail("output_dir", f"{output_dir} is not writable{made}: {err.strerror or err}; "
+                                              f"choose a directory you can write") from None
+
+    def outputs_apart_from_inputs(self, output_dir: Path, merges: Sequence[MergeSpec]) -> None:
+        """No merge's output directory (nor the job's .shards and manifest) is, contains or lies inside
+        any adapter of the job: opened adapters by where their files really are (Hub ids: the local
+        cache), others by the paths given."""
+        if self.open_adapters:
+            inputs: list[object] = list({src.name: src for group in self.sources.values() for src in group}.values())
+        else:
+            inputs = list(dict.fromkeys(a for m in merges for a in m.adapters))
+        targets = [(output_dir / d, "output_dir", "the job's own directory") for d in _JOB_DIRS]
+        targets += [(output_dir / m.name, m.where, f"merge {m.name!r}: output directory") for m in merges]
+        for out, key, what in targets:
+            try:
+                check_output_not_input(out, inputs, where=what)
+            except OutputOverlapError as err:
+                raise self.fail(key, err) from None
 
     # --- one merge -------------------------------------------------------------------------
     def merge(self, raw: object, where: str, *, name: str | None = None) -> MergeSpec:
@@ -290,15 +408,24 @@ class _Loader:
                 valid = ", ".join(sorted({p for m in swept_methods for p in methods.get_method(m).hyperparams}))
                 raise self.fail(f"{where}.params", f"unknown parameter {key!r} for method(s) "
                                                    f"{', '.join(map(str, swept_methods))}; expected: {valid or 'none'}")
-        members = []
+        if any(key == "seed" for key, _ in axes) and not any(methods.get_method(m).random for m in swept_methods):
+            listed = ", ".join(map(str, swept_methods))
+            raise self.fail(f"{where}.seed", f"swept, but no method of the sweep ({listed}) is random "
+                                             f"(dare, dare_ties): every seed would give the same merge")
+        members, seen = [], set()
         for combo in itertools.product(*(values for _, values in axes)):
             chosen = dict(zip((key for key, _ in axes), combo))
-            member = {k: v for k, v in raw.items() if k not in ("name", "params")}
-            member.update({k: v for k, v in chosen.items() if not k.startswith("params.")})
-            method = member.get("method", "ta")
+            method = chosen.get("method", raw.get("method", "ta"))
+            applied = {k: v for k, v in chosen.items() if _applies(k, method)}  # in axis order
+            identity = tuple((k, type(v).__name__, repr(v)) for k, v in applied.items())
+            if identity in seen:  # the same merge as an earlier member: a value its method does not take
+                continue
+            seen.add(identity)
+            member = {k: v for k, v in raw.items() if k not in ("name", "params", *chosen)}
+            member.update({k: v for k, v in applied.items() if not k.startswith("params.")})
             hyper = methods.get_method(method).hyperparams
-            member["params"] = {k: chosen.get(f"params.{k}", v) for k, v in params.items() if k in hyper}
-            name = "-".join([base, *(_token(key, value) for key, value in chosen.items())])
+            member["params"] = {k: applied.get(f"params.{k}", v) for k, v in params.items() if k in hyper}
+            name = "-".join([base, *(_token(key, value) for key, value in applied.items())])
             name = self.check_name(re.sub(r"[^A-Za-z0-9._-]", "_", name), f"{where}.name")
             members.append(self.merge(member, f"{where} (member {name})", name=name))
         return members
@@ -306,6 +433,9 @@ class _Loader:
     def values(self, values: list, key: str) -> list[object]:
         if not values:
             raise self.fail(key, "empty list: give at least one value to sweep")
+        for i, value in enumerate(values):
+            if any(type(v) is type(value) and v == value for v in values[:i]):
+                raise self.fail(key, f"{value!r} is listed twice; give each value once")
         return values
 
     # --- scalars ---------------------------------------------------------------------------
@@ -363,6 +493,16 @@ class _Loader:
         if value not in allowed:
             raise self.fail(key, f"expected one of: {', '.join(allowed)}; got {value!r}")
         return value
+
+
+def _applies(key: str, method: str) -> bool:
+    """Whether the swept ``key`` ("params.x" for a hyper-parameter) changes a merge with ``method``:
+    a hyper-parameter only for the methods that take it, a seed only for random methods."""
+    if key.startswith("params."):
+        return key.removeprefix("params.") in methods.get_method(method).hyperparams
+    if key == "seed":
+        return methods.get_method(method).random
+    return True
 
 
 def _token(key: str, value: object) -> str:

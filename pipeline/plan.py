@@ -15,18 +15,18 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from coremerge import peft_io
 from coremerge.merge import dtype_name
 from coremerge.peft_io import AdapterSource
 
 from pipeline.config import JobSpec, MergeSpec, Sources
-from pipeline.worker import ShardWork, Target
+from pipeline.worker import InputVersion, ShardWork, Target, input_versions
 
 SHARD_FORMAT = 3  # bump when the shard file layout or its numbers change: every shard is then redone
 # 2: sweeps' bases files; bases stored contiguous (other last bits than format 1)
 # 3: shard files named by their sha256, their fingerprint in the header; fingerprints of input contents
+#    (sha256 of each adapter's config and weights, no longer their sizes and mtimes)
 SHARD_DIR = ".shards"
 BASES_DIR = ".bases"  # under SHARD_DIR: one directory per adapter set (group) for the sweeps' bases files
 _LAYER = re.compile(r"\.(\d+)(?:\.|$)")
@@ -59,6 +59,7 @@ class Plan:
     units: Mapping[tuple[str, str], Unit]  # (merge, shard) -> unit, in job order
     tasks: tuple[Task, ...]  # every task of the job: adapter set by adapter set (job order), each in shard order
     output_keys: Mapping[str, str]  # merge -> digest of what its adapter directory is made from
+    inputs: Mapping[tuple[str, ...], tuple[InputVersion, ...]]  # adapter set -> the contents planned from
 
     def units_of(self, merge: str) -> list[Unit]:
         return list(self._by_merge.get(merge, ()))
@@ -114,7 +115,8 @@ def make_plan(job: JobSpec, sources: Sources) -> Plan:
     groups: dict[str, list[MergeSpec]] = {}
     for merge in job.merges:
         groups.setdefault(group_id(merge), []).append(merge)
-    identities = {ids: _adapter_identity(srcs) for ids, srcs in sources.items()}
+    inputs = {ids: input_versions(srcs) for ids, srcs in sources.items()}  # hashes every input (cached)
+    identities = {ids: _adapter_identity(versions) for ids, versions in inputs.items()}
     tasks: list[Task] = []
     for group, merges in groups.items():
         adapters = merges[0].adapter_set
@@ -131,7 +133,7 @@ def make_plan(job: JobSpec, sources: Sources) -> Plan:
         by_merge.setdefault(unit.merge, []).append(unit)
     ordered = {(u.merge, u.shard): u for m in job.merges for u in by_merge[m.name]}  # job order
     keys = {m.name: _output_key(m, sources[m.adapter_set], by_merge[m.name]) for m in job.merges}
-    return Plan(units=ordered, tasks=tuple(tasks), output_keys=keys)
+    return Plan(units=ordered, tasks=tuple(tasks), output_keys=keys, inputs=inputs)
 
 
 def _output_key(merge: MergeSpec, sources: Sequence[AdapterSource], units: Sequence[Unit]) -> str:
@@ -148,17 +150,14 @@ def work_of(job: JobSpec, plan: Plan, task: Task, merges: Sequence[str]) -> Shar
     targets = tuple(Target(merge=u.merge, options=job.merge(u.merge).options, out_dtype=job.merge(u.merge).out_dtype,
                            directory=str(job.output_dir / u.directory), fingerprint=u.fingerprint) for u in units)
     return ShardWork(shard=task.shard, adapters=task.adapters, modules=task.modules, targets=targets,
-                     bases_dir=str(job.output_dir / SHARD_DIR / BASES_DIR / task.group))
+                     bases_dir=str(job.output_dir / SHARD_DIR / BASES_DIR / task.group),
+                     inputs=plan.inputs[task.adapters])
 
 
-def _adapter_identity(sources: Sequence[AdapterSource]) -> list[dict[str, object]]:
-    """What identifies an adapter's content cheaply: its files' sizes and modification times."""
-    out = []
-    for src in sources:
-        files = [Path(src.weights_file), Path(src.path) / "adapter_config.json"]
-        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-        out.append({"path": str(src.path), "files": stats})
-    return out
+def _adapter_identity(inputs: Sequence[InputVersion]) -> list[dict[str, str]]:
+    """What an adapter set's merges are made from: the sha256 of each adapter's config and weights (in the
+    job's order). Content, not size and mtime: ``cp -p`` of another adapter over one is noticed."""
+    return [{"config": i.config_sha256, "weights": i.weights_sha256} for i in inputs]
 
 
 def _fingerprint(merge: MergeSpec, modules: Sequence[str], identity: list[dict[str, object]]) -> str:

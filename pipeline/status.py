@@ -40,7 +40,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
 
 def _load(path: Path) -> tuple[JobSpec, Sources, Plan] | None:
     try:
-        job, sources = load_job(path)
+        job, sources = load_job(path, check_writable=False)
         hashcache.load(job.output_dir)  # read only: the inputs are hashed once per version, by the run
         return job, sources, make_plan(job, sources)
     except (JobSpecError, AdapterError) as err:  # AdapterError: an input changed while it was hashed

@@ -41,8 +41,10 @@ from typing import TypeVar
 import torch
 
 from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
+from coremerge.errors import AdapterError
 from coremerge.peft_io import (AdapterSource, all_finite, known_sha256, read_tensors, remember_sha256,
-                               safetensors_header, safetensors_index, tensor_bytes, write_hashed)
+                               safetensors_header, safetensors_index, tensor_bytes, weights_sha256, write_hashed)
+from coremerge.safetensors_file import FileVersion, known_hashes
 from coremerge.types import FactoredLowRank, LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
@@ -61,14 +63,57 @@ class Target:
 
 
 @dataclass(frozen=True)
+class InputVersion:
+    """One input adapter as the driver planned it: a worker merges exactly these contents or nothing."""
+
+    adapter: str  # as the job names it
+    config_sha256: str  # of adapter_config.json
+    weights_sha256: str  # of the weights file
+    version: FileVersion  # of the weights file, as the driver saw it (equal here: no need to hash it again)
+
+
+def input_versions(sources: Sequence[AdapterSource]) -> tuple[InputVersion, ...]:
+    """What the driver plans from: each adapter's config and weights hashes (the weights hashed as of the
+    version that was opened; AdapterError if the file has changed since)."""
+    return tuple(InputVersion(adapter=src.name, config_sha256=src.config_sha256, weights_sha256=weights_sha256(src),
+                              version=src.weights_version) for src in sources)
+
+
+def changed_input(sources: Sequence[AdapterSource], expected: Sequence[InputVersion]) -> str | None:
+    """Why ``sources`` (as a worker opened them) are not the inputs the driver planned from, or None.
+
+    A weights file of the same version is taken as the same content (the driver hashed that version);
+    any other version (another inode, size, mtime or ctime; or another host's view of it) is hashed
+    and compared, so an input replaced during a run fails the merges that read it instead of giving
+    an adapter made from two versions.
+    """
+    for src, want in zip(sources, expected, strict=True):
+        if src.config_sha256 != want.config_sha256:
+            return (f"adapter {src.name!r}: adapter_config.json changed since the job started; nothing built from it "
+                    f"is kept; run the job again to merge the new version")
+        if src.weights_version == want.version:
+            continue
+        try:
+            sha = weights_sha256(src)
+        except AdapterError as err:
+            return str(err)
+        if sha != want.weights_sha256:
+            return (f"adapter {src.name!r}: {src.weights_file.name} changed since the job started (sha256 "
+                    f"{want.weights_sha256[:12]}... -> {sha[:12]}...); nothing built from it is kept; run the job "
+                    f"again to merge the new version")
+    return None
+
+
+@dataclass(frozen=True)
 class ShardWork:
-    """What a worker needs for one task: paths and names only."""
+    """What a worker needs for one task: paths, names and the expected input contents."""
 
     shard: str
     adapters: tuple[str, ...]
     modules: tuple[str, ...]
     targets: tuple[Target, ...]
     bases_dir: str  # absolute directory for this adapter set's bases files (see the module doc)
+    inputs: tuple[InputVersion, ...] = ()  # one per adapter: what the driver planned from (empty: not checked)
 
 
 def storage_plan(work: ShardWork, sources: Sequence[AdapterSource]) -> frozenset[str]:
@@ -218,11 +263,20 @@ def _write_target(target: Target, work: ShardWork, merged: Mapping[str, Mapping[
             path, sha, size = write_shard(target.directory, work.shard, merged[target.merge], meta=meta,
                                           bases_file=bases_file)
             record.update(status="done", file=path.name, sha256=sha, bytes=size,
-                          ranks=[merged[target.merge][m].rank for m in work.modules])
+                          ranks=[merged[target.merge][m].rank for m in work.modules],
+                          hashed=hashed([path] + ([bases_file[0]] if bases_file else [])))
         except OSError as err:
             record["error"] = f"cannot write a shard file in {target.directory}: {err.strerror or err}"
     record["seconds"] = round(spent[target.merge] + time.perf_counter() - started, 6)
     return record
+
+
+def hashed(paths: Sequence[str | Path]) -> dict[str, list]:
+    """{resolved path: [*FileVersion, sha256]} of files this process wrote (and so hashed as it wrote
+    them), for the driver's hash cache: a rerun then checks them without reading them."""
+    known = known_hashes()
+    entries = (known.get(os.path.realpath(path)) for path in paths)
+    return {os.path.realpath(path): [*entry[0], entry[1]] for path, entry in zip(paths, entries) if entry is not None}
 
 
 def failed_records(work: ShardWork, error: str) -> list[dict[str, object]]:

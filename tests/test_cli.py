@@ -3,6 +3,7 @@ merged by the installed command, loaded back with PeftModel.from_pretrained."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -197,3 +198,87 @@ def test_nan_and_shape_mismatch_are_refused(adapters, tmp_path):
     model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     model.save_pretrained(other)
     _bad([adapters[0], other], tmp_path, "wide", "q_proj")
+
+
+# --- issue 12: outputs that would destroy something, and bad --out / --device (points 1 and 14) ----------
+def tree_sha256(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _refused(args, *expect) -> str:
+    proc = run_cli("merge", *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for word in expect:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_an_output_that_is_an_input_is_refused_even_with_force(adapters, tmp_path):
+    a, b = shutil.copytree(adapters[0], tmp_path / "in" / "a"), shutil.copytree(adapters[1], tmp_path / "in" / "b")
+    (a / "notes.txt").write_text("everything else in a")
+    (tmp_path / "link").symlink_to(a)
+    before = tree_sha256(tmp_path / "in")
+    cases = [(a, "is adapter"), (a / "merged", "lies inside adapter"), (tmp_path / "in", "contains adapter"),
+             (tmp_path / "link", "is adapter"), (tmp_path / "link" / "merged", "lies inside adapter")]
+    for out, relation in cases:
+        _refused([a, b, "--out", out, "--force"], str(out), relation, str(a))
+        assert tree_sha256(tmp_path / "in") == before  # nothing of the inputs changed, nothing added
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a", "b"]
+
+
+def test_force_replaces_only_a_merged_adapter_this_tool_wrote(adapters, tmp_path):
+    merged = tmp_path / "merged"
+    run_cli("merge", *adapters[:2], "--out", merged)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("the user's")
+    other_adapter = shutil.copytree(adapters[2], tmp_path / "other-adapter")  # not an input of this merge
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(merged)
+    before = {p.name: tree_sha256(p) if p.is_dir() and not p.is_symlink() else p.lstat().st_mtime_ns
+              for p in tmp_path.iterdir()}
+    for out, words in [(tmp_path / "notes", "even with --force"), (other_adapter, "even with --force"),
+                       (tmp_path / "file", "is not a directory"), (tmp_path / "link", "is a symlink"),
+                       (tmp_path / "file" / "merged", "is a file, not a directory")]:
+        _refused([*adapters[:2], "--out", out, "--force"], str(out), words)
+    after = {p.name: tree_sha256(p) if p.is_dir() and not p.is_symlink() else p.lstat().st_mtime_ns
+             for p in tmp_path.iterdir()}
+    assert after == before  # every one untouched, no temp directory left
+    first = (merged / "adapter_model.safetensors").read_bytes()
+    run_cli("merge", *adapters[:2], "--alpha", "0.5", "--out", merged, "--force")
+    assert json.loads((merged / "merge_report.json").read_text())["alpha"] == 0.5
+    assert (merged / "adapter_model.safetensors").read_bytes() != first
+
+
+@pytest.mark.parametrize("device", ["foo", "meta", "cuda:99", "cuda:-1", "cpu:0"])
+def test_a_bad_device_is_one_line(adapters, tmp_path, device):
+    _bad([*adapters[:2], "--device", device], tmp_path, f"device '{device}'")
+
+
+def test_an_out_that_cannot_be_written_is_found_before_the_merge(adapters, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from coremerge import cli, merge
+
+    merged = []
+    monkeypatch.setattr(merge, "merge_module_of", lambda *args, **kwargs: merged.append(args[1]))
+
+    def denied(*args, **kwargs):  # what a read-only or foreign directory answers (root passes access checks)
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    status = cli.main(["merge", *map(str, adapters[:2]), "--out", str(tmp_path / "ro" / "merged")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert err[0] == (f"coremerge: error: cannot write output {tmp_path}/ro/merged: {tmp_path}/ro: Permission denied; "
+                      f"choose a directory you can write")
+    assert merged == []  # refused before any module was merged
+
+
+def test_density_given_twice_is_refused(adapters, tmp_path):
+    # issue 12, point 7: which one would win was not said; now neither does
+    _bad([*adapters[:2], "--method", "ties", "--density", "0.3", "-p", "density=0.7"], tmp_path,
+         "--density 0.3 and -p density=0.7 both set density")
+    _bad([*adapters[:2], "--method", "ties", "-p", "density=0.3", "-p", "density=0.7"], tmp_path,
+         "-p density is given more than once")

@@ -9,6 +9,9 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -22,10 +25,13 @@ import safetensors.torch  # noqa: E402
 from peft_factories import (block_network, load_peft_model, make_tiny_gpt2, make_tiny_llama,  # noqa: E402
                             peft_layers, save_adapter, save_lora_adapter)
 
-from coremerge.errors import AdapterError  # noqa: E402
+from coremerge.errors import AdapterChangedError, AdapterError  # noqa: E402
 from coremerge.peft_io import (adapter_config_for, check_compatible, file_sha256, load_factors,  # noqa: E402
                                open_adapter, pattern_key, union_modules, write_adapter)
 from coremerge.types import LowRank, StoredLowRank  # noqa: E402
+from coremerge import safetensors_file  # noqa: E402
+from coremerge.peft_io import ConfigRules, PatternMatcher, weights_sha256  # noqa: E402
+from coremerge.safetensors_file import FileVersion  # noqa: E402
 
 LoraConfig, VeraConfig = peft.LoraConfig, peft.VeraConfig
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -384,6 +390,329 @@ def test_check_compatible_refuses_fan_in_fan_out_mismatch(plain, tmp_path):
         check_compatible([])
 
 
+# ---------------------------------------------------------------------- untrusted input (issue 12)
+# Points 2 (inputs changed during a run), 7 (tensors outside target_modules, zero-size modules),
+# 9 (catastrophic regexes) and 14 (never a traceback) for adapters; the byte layer's own corpus and fuzz
+# test are in tests/test_safetensors_file.py.
+CATASTROPHIC = r"(.|.)+\d"  # exponential for Python's re AND for the regex package (its guards do not help)
+CHANGED = (r"adapter '.*': adapter_model\.(safetensors|bin) changed since it was opened \(.+\); nothing built from it "
+           r"is kept; run again")
+
+
+def test_source_records_the_versions_it_read(plain):
+    src = open_adapter(plain)
+    weights = plain / "adapter_model.safetensors"
+    assert src.weights_version == FileVersion.of_path(weights)
+    assert src.config_sha256 == hashlib.sha256((plain / "adapter_config.json").read_bytes()).hexdigest()
+    assert weights_sha256(src) == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def _replace_file(path: Path) -> None:
+    """A new version renamed over the old one (what most tools do): another inode."""
+    tensors = safetensors.torch.load_file(path)
+    safetensors.torch.save_file({k: 2 * t for k, t in tensors.items()}, path.with_suffix(".new"), metadata={"format": "pt"})
+    os.replace(path.with_suffix(".new"), path)
+
+
+def _rewrite_keeping_size_and_mtime(path: Path) -> None:
+    """What ``cp -p`` / ``rsync -t`` leave: other bytes in the same inode, same size, mtime restored."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"  # the last float32 becomes 1.0
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("change", [_replace_file, _rewrite_keeping_size_and_mtime], ids=["replaced", "size_mtime_kept"])
+def test_weights_changed_after_open_are_refused_and_never_reported(plain, tmp_path, change):
+    from coremerge.merge import MergeOptions, build_report
+
+    path = clone(plain, tmp_path / "a")
+    src = open_adapter(path)
+    old_sha = weights_sha256(src)  # hashed (and cached) before the change: still not reported after it
+    load_factors(src, Q0)
+    change(path / "adapter_model.safetensors")
+    for read in (lambda: load_factors(src, Q0), lambda: weights_sha256(src),
+                 lambda: build_report([src], MergeOptions(), {}, out_dtype=torch.float32, timings={})):
+        with pytest.raises(AdapterChangedError, match=CHANGED) as exc:
+            read()
+        one_line_naming(exc, str(path), "adapter_model.safetensors")
+    again = open_adapter(path)  # opened anew: the new version, read and reported
+    new_sha = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert weights_sha256(again) == new_sha != old_sha
+    report = build_report([again], MergeOptions(), {}, out_dtype=torch.float32, timings={})
+    assert report["inputs"][0]["sha256"] == new_sha
+
+
+def test_legacy_bin_changed_after_open_is_refused(root, tmp_path):
+    path = clone(save_lora_adapter(root, "legacy_changed", LoraConfig(r=2, target_modules=["q_proj"]), seed=20,
+                                   safe_serialization=False), tmp_path / "bin")
+    src = open_adapter(path)
+    weights = path / "adapter_model.bin"
+    assert src.weights_version == FileVersion.of_path(weights)
+    weights.write_bytes(weights.read_bytes())  # the same bytes, rewritten: ctime moves
+    with pytest.raises(AdapterChangedError, match=CHANGED):
+        load_factors(src, Q0)
+    with pytest.raises(AdapterChangedError, match="changed since it was opened"):
+        weights_sha256(src)
+    load_factors(open_adapter(path), Q0)
+
+
+def test_weights_sha256_is_hashed_once_per_version(plain, tmp_path, monkeypatch):
+    monkeypatch.setattr(safetensors_file, "RACY_NS", 0)
+    hashed = []
+    real = safetensors_file._hash_fd
+    monkeypatch.setattr(safetensors_file, "_hash_fd", lambda fd: hashed.append(fd) or real(fd))
+    src = open_adapter(clone(plain, tmp_path / "a"))
+    assert weights_sha256(src) == weights_sha256(src) == weights_sha256(open_adapter(src.path))
+    assert len(hashed) == 1
+
+
+# point 9: regexes from the config
+@pytest.mark.parametrize("changes, field", [
+    ({"rank_pattern": {CATASTROPHIC: 4}}, "rank_pattern"),
+    ({"alpha_pattern": {"v_proj": 3, CATASTROPHIC: 4}}, "alpha_pattern"),
+    ({"target_modules": CATASTROPHIC}, "target_modules"),
+    ({"exclude_modules": CATASTROPHIC}, "exclude_modules"),
+    ({"layers_to_transform": [0, 1], "layers_pattern": [CATASTROPHIC]}, "layers_pattern"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_catastrophic_regex_is_refused_in_seconds(plain, tmp_path, changes, field):
+    path = edit_config(clone(plain, tmp_path / "slow"), **changes)
+    started = time.perf_counter()
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    assert time.perf_counter() - started < 10
+    one_line_naming(exc, str(path), field, repr(CATASTROPHIC), "catastrophic backtracking")
+
+
+def test_issues_pattern_no_longer_hangs(plain, tmp_path):
+    # ([\w.]+)+X hangs Python's re (and PEFT) on a module name; the regex package's guards match it in
+    # linear time: it matches nothing, as re would if it ever finished, so the adapter is read as it is.
+    path = edit_config(clone(plain, tmp_path / "issue"), rank_pattern={r"([\w.]+)+X": 2})
+    started = time.perf_counter()
+    src = open_adapter(path)
+    assert time.perf_counter() - started < 10
+    assert {s.rank for s in src.modules.values()} == {4}
+
+
+def test_inspect_refuses_a_catastrophic_regex_in_one_line(plain, tmp_path):
+    path = edit_config(clone(plain, tmp_path / "slow"), rank_pattern={CATASTROPHIC: 4})
+    proc = subprocess.run([sys.executable, "-m", "coremerge", "inspect", str(path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert str(path) in proc.stderr and "rank_pattern" in proc.stderr and repr(CATASTROPHIC) in proc.stderr
+
+
+def test_regex_matching_has_a_budget_per_adapter():
+    # Each match is bounded, and so is their sum: many modules against slow patterns cannot stall either.
+    matcher = PatternMatcher("adapter 'a': adapter_config.json:", timeout_s=10, budget_s=0.3)
+    started = time.perf_counter()
+    for i in range(1000):  # fast matches spend little of the budget
+        assert matcher.match("rank_pattern", "q_proj", r"(.*\.)?(q_proj)$", f"model.layers.{i}.self_attn.q_proj")
+    with pytest.raises(AdapterError, match=r"used up the 0\.3 s that matching all the adapter's patterns may take"):
+        matcher.match("rank_pattern", CATASTROPHIC, rf"(.*\.)?({CATASTROPHIC})$", "model.layers.0.self_attn.q_proj")
+    with pytest.raises(AdapterError, match="used up"):  # and nothing more once it is spent
+        matcher.match("rank_pattern", "q_proj", r"(.*\.)?(q_proj)$", "q_proj")
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("(", "is not a valid regex"),
+    (r"\p{L}", "is not a valid regex"),  # regex-only syntax that PEFT's re refuses
+    ("(?<name>q)_proj", "is not a valid regex"),
+    ("q_proj{e<=1}", "fuzzy"),  # re reads these as literal characters, regex as fuzzy matching
+    ("layers.[[:digit:]]", "POSIX"),
+], ids=["unbalanced", "unicode_property", "named_group", "fuzzy", "posix"])
+def test_invalid_or_ambiguous_regex_is_refused(plain, tmp_path, pattern, expected):
+    path = edit_config(clone(plain, tmp_path / "bad"), rank_pattern={pattern: 4})
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), "rank_pattern", expected)
+
+
+def test_pattern_key_matches_peft_for_plain_escaped_and_regex_keys():
+    import random
+    import re
+
+    from peft.utils.other import get_pattern_key
+
+    modules = [Q0, "model.layers.1.self_attn.q_proj", "model.layers.10.mlp.down_proj", "q_proj", "model.q_proj\n",
+               "model.layers.0.self_attn.q_proj.", "lm_head", "a.b.c", ".x", ""]
+    pool = ["q_proj", "self_attn.q_proj", "^" + re.escape(Q0), re.escape(Q0), "^q_proj", r"layers\.1\..*", "proj",
+            r"down_proj$", "^model", "lm_head", "x", "", "^", r"q_proj\n", r"model\.q_proj", r"\d+\.mlp\.down_proj",
+            "c", "b.c", r"a\.b\.c", "mlp.down_proj|q_proj", r"model\.layers\.0\.self_attn\.q_proj\."]
+    rng = random.Random(0)
+    for _ in range(400):
+        keys = rng.sample(pool, rng.randint(0, 6))
+        for module in modules:
+            assert pattern_key(keys, module) == get_pattern_key(keys, module), (keys, module)
+
+
+# point 7: tensors PEFT would not load, modules of zero size
+@pytest.mark.parametrize("changes, expected", [
+    ({"target_modules": ATTN}, "target_modules"),  # down_proj has tensors but is not targeted
+    ({"target_modules": r".*\.(q|k|v|o)_proj"}, "a regex matched against the whole name"),
+    ({"exclude_modules": ["down_proj"]}, "exclude_modules"),
+    ({"exclude_modules": r".*\.layers\.1\..*"}, "exclude_modules"),
+    ({"layers_to_transform": [0]}, "its layer 1 is not in layers_to_transform"),
+    ({"layers_to_transform": 1, "layers_pattern": "layers"}, "its layer 0 is not in layers_to_transform"),
+    ({"layers_to_transform": [0, 1], "layers_pattern": ["blocks"]}, "has no layer index"),
+    ({"modules_to_save": ["down_proj"]}, "modules_to_save"),
+], ids=["list", "regex", "exclude_list", "exclude_regex", "layers", "layers_pattern", "no_index", "modules_to_save"])
+def test_tensors_of_modules_peft_would_not_adapt_are_refused(plain, tmp_path, changes, expected):
+    path = edit_config(clone(plain, tmp_path / "untargeted"), **changes)
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), "module 'model.layers.", expected, "PEFT would not adapt")
+
+
+@pytest.mark.parametrize("changes", [{"target_modules": "all-linear"}, {"target_modules": r".*_proj"},
+                                     {"target_modules": ["self_attn.q_proj", "k_proj", "v_proj", "o_proj", "mlp.down_proj"]},
+                                     {"layers_to_transform": [1, 0], "layers_pattern": "layers"},
+                                     {"exclude_modules": ["up_proj"]}], ids=["all_linear", "regex", "suffixes",
+                                                                              "layers", "exclude_other"])
+def test_configs_that_target_every_stored_module_are_read(plain, tmp_path, changes):
+    path = edit_config(clone(plain, tmp_path / "targeted"), **changes)
+    assert open_adapter(path).modules == open_adapter(plain).modules
+
+
+def test_target_rules_are_peft_check_target_module_exists():
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    modules = [Q0, "model.layers.1.self_attn.q_proj", "model.layers.10.mlp.down_proj", "model.layers.1.experts.0.up_proj",
+               "model.blocks.2.attn.q_proj", "lm_head", "q_proj", "transformer.h.0.attn.c_attn"]
+    grid = [dict(target_modules=t, exclude_modules=e, layers_to_transform=layers, layers_pattern=lp, modules_to_save=m)
+            for t in (["q_proj"], ["self_attn.q_proj", "down_proj"], [Q0], r".*\.(q|v)_proj", r"model\.layers\.\d+\..*",
+                      ["up_proj", "c_attn"], ["proj"])
+            for e in (None, ["down_proj"], r".*layers\.1\..*", [])
+            for layers in (None, [0], 1, [1, 10], [])
+            for lp in (None, "layers", ["blocks", "layers"], "h")
+            for m in (None, ["lm_head"], ["q_proj"])]
+    compared = 0
+    for fields in grid:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peft_config = LoraConfig(**fields)
+        except ValueError:  # a combination PEFT refuses (open_adapter refuses it too)
+            continue
+        rules = ConfigRules(json.loads(json.dumps(fields)), PatternMatcher("x:"))
+        for module in modules:
+            assert (rules.not_targeted(module) is None) == bool(check_target_module_exists(peft_config, module)), \
+                (fields, module, rules.not_targeted(module))
+            compared += 1
+    assert compared > 5000
+
+
+@pytest.mark.parametrize("a_shape, b_shape", [((0, 32), (32, 0)), ((4, 0), (32, 4)), ((4, 32), (0, 4))],
+                         ids=["rank_0", "in_features_0", "out_features_0"])
+def test_modules_of_zero_size_are_refused(plain, tmp_path, a_shape, b_shape):
+    path = clone(plain, tmp_path / "zero")
+
+    def shrink(t):
+        t[f"base_model.model.{Q0}.lora_A.weight"] = torch.zeros(a_shape)
+        t[f"base_model.model.{Q0}.lora_B.weight"] = torch.zeros(b_shape)
+
+    _rewrite(path, shrink)
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), Q0, "zero size")
+
+
+# point 14: every damaged, hostile or unreadable input is one line and exit 2, never a traceback
+def _write_config_text(path: Path, text: str | bytes) -> None:
+    (path / "adapter_config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+def _config_text(path: Path, **raw: str) -> str:
+    """adapter_config.json with fields replaced by raw JSON text (what json.dumps cannot write)."""
+    config = json.loads((path / "adapter_config.json").read_text())
+    text = json.dumps({k: v for k, v in config.items() if k not in raw})
+    return text[:-1] + "".join(f', "{k}": {v}' for k, v in raw.items()) + "}"
+
+
+def _nested_header(path: Path) -> None:
+    header = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (path / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def _replace_weights(make):
+    def damage(path: Path) -> None:
+        (path / "adapter_model.safetensors").unlink()
+        make(path / "adapter_model.safetensors")
+    return damage
+
+
+HOSTILE = {  # name: (damage, what the one line must say)
+    "alpha_1e400": (lambda p: _write_config_text(p, _config_text(p, lora_alpha="1e400")),
+                    "lora_alpha must be a finite number, got inf"),
+    "int_of_5000_digits": (lambda p: _write_config_text(p, _config_text(p, r="1" + "0" * 5000)), "not valid JSON"),
+    "alpha_of_400_digits": (lambda p: _write_config_text(p, _config_text(p, lora_alpha="9" * 400)),
+                            "lora_alpha must be a finite number"),
+    "config_nested_100k": (lambda p: _write_config_text(p, '{"peft_type": "LORA", "x": ' + "[" * 100_000 + "]" * 100_000
+                                                        + "}"), "nested too deeply"),
+    "config_nested_50": (lambda p: _write_config_text(p, _config_text(p, eva_config="[" * 50 + "]" * 50)),
+                         "nests more than 32 levels"),
+    "config_not_utf8": (lambda p: _write_config_text(p, b'{"peft_type": "LORA", "r": "\xff\xfe"}'), "not UTF-8"),
+    "config_a_directory": (lambda p: ((p / "adapter_config.json").unlink(), (p / "adapter_config.json").mkdir()),
+                           "adapter_config.json is a directory"),
+    "header_nested_100k": (_nested_header, "nested too deeply"),
+    "weights_a_fifo": (_replace_weights(os.mkfifo), "adapter_model.safetensors is a FIFO"),
+    "weights_a_directory": (_replace_weights(os.mkdir), "adapter_model.safetensors is a directory"),
+    "weights_a_dangling_symlink": (_replace_weights(lambda w: os.symlink(w.parent / "gone", w)),
+                                   "adapter_model.safetensors is a dangling symlink"),
+    "weights_a_symlink_loop": (_replace_weights(lambda w: os.symlink(w.name, w)), "symlink loop"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_adapter_is_one_line_and_exit_2(plain, tmp_path, case, capsys):
+    from coremerge.cli import main
+
+    damage, expected = HOSTILE[case]
+    path = clone(plain, tmp_path / "hostile")
+    damage(path)
+    with pytest.raises(AdapterError) as exc:
+        open_adapter(path)
+    one_line_naming(exc, str(path), expected)
+    out = tmp_path / "out"
+    for argv in (["inspect", str(path)], ["merge", str(plain), str(path), "--out", str(out)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and str(path) in err, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs setpriv and root")
+@pytest.mark.parametrize("locked", [".", "adapter_config.json", "adapter_model.safetensors"])
+def test_unreadable_adapter_is_one_line_and_exit_2(plain, tmp_path, locked):
+    # Tests run as root, whom permission bits do not stop: drop the capabilities that let root read anything.
+    path = clone(plain, tmp_path / "locked")
+    os.chmod(path / locked, 0)
+    try:
+        proc = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                               "--inh-caps=-dac_override,-dac_read_search", "--", sys.executable, "-m", "coremerge",
+                               "inspect", str(path)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.chmod(path / locked, 0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(path) in proc.stderr and "permission denied" in proc.stderr.lower()
+
+
+def test_fifo_weights_do_not_hang_the_command(plain, tmp_path):
+    path = clone(plain, tmp_path / "fifo")
+    _replace_weights(os.mkfifo)(path)
+    proc = subprocess.run([sys.executable, "-m", "coremerge", "inspect", str(path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "is a FIFO (named pipe), not a regular file" in proc.stderr, proc.stderr
+
+
 # ------------------------------------------------------------------------------------------- writing
 def random_merged(src, ranks: list[int], seed: int) -> dict[str, LowRank]:
     g = torch.Generator().manual_seed(seed)
@@ -420,7 +749,8 @@ def test_write_refuses_existing_dir_and_force_replaces_it(plain, tmp_path):
     first, second = random_merged(src, [2] * 10, seed=1), random_merged(src, [4] * 10, seed=2)
     config1 = adapter_config_for([src], {m: 2 for m in first})
     config2 = adapter_config_for([src], {m: 4 for m in second})
-    out = write_adapter(tmp_path / "out", first, config=config1, report={"run": 1}, dtype=torch.float32)
+    report = {"coremerge_version": "0", "inputs": []}  # what makes a directory one this tool wrote
+    out = write_adapter(tmp_path / "out", first, config=config1, report=report, dtype=torch.float32)
     before = (out / "adapter_model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="exists; pass --force"):
         write_adapter(out, second, config=config2, report=None, dtype=torch.float32)
@@ -443,7 +773,7 @@ def test_write_failure_leaves_nothing_behind(plain, tmp_path, existing):
     config = adapter_config_for([src], {m: 2 for m in merged})
     out = tmp_path / "out"
     if existing:
-        write_adapter(out, merged, config=config, report=None, dtype=torch.float32)
+        write_adapter(out, merged, config=config, report={"coremerge_version": "0", "inputs": []}, dtype=torch.float32)
     before = {p.name: p.read_bytes() for p in out.iterdir()} if existing else None
 
     def failing():  # the weights file is half written when this module's turn comes
@@ -503,7 +833,9 @@ def test_written_weights_hash_is_taken_as_they_are_written(plain, tmp_path, monk
     config = adapter_config_for([src], {m: lr.rank for m, lr in merged.items()})
     st = write_adapter(tmp_path / "out", merged, config=config, report=None, dtype=torch.bfloat16) / "adapter_model.safetensors"
     expected = hashlib.sha256(st.read_bytes()).hexdigest()
-    monkeypatch.setattr(peft_io, "file_sha256", lambda p: pytest.fail("read back a file this process wrote"))
+    from coremerge import safetensors_file
+
+    monkeypatch.setattr(safetensors_file, "_hash_fd", lambda fd: pytest.fail("read back a file this process wrote"))
     assert peft_io.known_sha256(st) == expected
     monkeypatch.undo()
     st.write_bytes(st.read_bytes()[:-2] + b"\0\0")  # rewritten in place: read and hashed again
@@ -566,24 +898,31 @@ def test_config_falls_back_to_module_list_and_agrees_only_on_common_fields(root,
     assert adapter_config_for(sources[1:], {Q0: 2})["task_type"] == "CAUSAL_LM"
 
 
-def test_weights_header_is_parsed_once_per_version_and_nothing_stays_mapped(plain, tmp_path):
+def test_weights_header_is_parsed_once_per_version_and_nothing_stays_mapped(plain, tmp_path, monkeypatch):
     # Reading module after module parses the file's header once; a rewritten file (another version)
-    # is parsed again and its new values are read. Tensors are read into memory of their own: the
-    # file is not left mapped into the process (a 70B adapter set would count in its RSS).
-    import coremerge.peft_io as peft_io
+    # is refused by the source opened before (point 2) and parsed again when opened anew, its new values
+    # read. Tensors are read into memory of their own: the file is not left mapped into the process
+    # (a 70B adapter set would count in its RSS).
+    from coremerge import safetensors_file
 
+    monkeypatch.setattr(safetensors_file, "RACY_NS", 0)  # the copy is seconds old: cache it all the same
+    parsed = []
+    real = safetensors_file.read_header
+    monkeypatch.setattr(safetensors_file, "read_header", lambda fd, size, where: parsed.append(where) or real(fd, size, where))
     copy = tmp_path / "copy"
     shutil.copytree(plain, copy)
     src = open_adapter(copy)
-    misses = peft_io._safetensors_index.cache_info().misses
     first = {m: load_factors(src, m) for m in list(src.modules)[:3]}
-    assert peft_io._safetensors_index.cache_info().misses == misses + 1
+    assert len(parsed) == 1
     with open("/proc/self/maps") as maps:
         assert str(src.weights_file) not in maps.read()
     tensors = safetensors.torch.load_file(str(src.weights_file))
     safetensors.torch.save_file({k: 2 * t for k, t in tensors.items()}, str(src.weights_file), metadata={"format": "pt"})
+    with pytest.raises(AdapterChangedError):
+        load_factors(src, next(iter(first)))
+    src = open_adapter(copy)
     again = {m: load_factors(src, m) for m in first}
-    assert peft_io._safetensors_index.cache_info().misses == misses + 2
+    assert len(parsed) == 2
     for m in first:
         assert torch.equal(again[m].a, 2 * first[m].a)
         spec = src.modules[m]

@@ -78,7 +78,14 @@ def test_fingerprint_follows_inputs_and_options(tmp_path, adapters):
     changed = make_plan(*load_job(path))
     diff = {k for k in first.units if first.units[k].fingerprint != changed.units[k].fingerprint}
     assert diff and all(merge == "tsv" for merge, _ in diff)
-    os.utime(adapters[0] / "adapter_model.safetensors", ns=(1, 1))  # an adapter changed on disk
+    os.utime(adapters[0] / "adapter_model.safetensors", ns=(1, 1))  # touched, same content: same work
+    touched = make_plan(*load_job(path))
+    assert {k: u.fingerprint for k, u in touched.units.items()} == {k: u.fingerprint for k, u in changed.units.items()}
+    weights = adapters[0] / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor, size and mtime kept
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(1, 1))
     touched = make_plan(*load_job(path))
     assert all(touched.units[k].fingerprint != changed.units[k].fingerprint for k in touched.units
                if str(adapters[0]) in job_adapters(path, k[0]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pipeline.worker as worker
-from coremerge import peft_io
+from coremerge import peft_io, safetensors_file
 from coremerge.merge import merge_module_of, parse_dtype
 from coremerge.peft_io import file_sha256
 from coremerge.types import LowRank
@@ -199,7 +199,7 @@ def test_shard_hash_is_remembered_only_while_the_file_is_unchanged(tmp_path, mon
     path, sha, _ = worker.write_shard(tmp_path, "s", {"m": LowRank(a=torch.ones(2, 3), b=torch.ones(4, 2))},
                                       meta={"merge": "x"})
     assert sha == file_sha256(path)
-    monkeypatch.setattr(peft_io, "file_sha256", lambda p: pytest.fail("read a file this process just wrote"))
+    monkeypatch.setattr(safetensors_file, "_hash_fd", lambda fd: pytest.fail("read a file this process just wrote"))
     assert peft_io.known_sha256(path) == sha
     monkeypatch.undo()
     data = bytearray(path.read_bytes())
