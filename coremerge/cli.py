@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"coremerge: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # the merge could not be written: a full disk, an I/O error
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = exc.filename or getattr(args, "out", None)  # write(2) names no file: the output does
+        where = f"cannot write {where}: " if where else ""
         print(f"coremerge: error: {where}{exc.strerror or _one_line(exc)}; nothing was written", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -282,3 +282,25 @@ def test_density_given_twice_is_refused(adapters, tmp_path):
          "--density 0.3 and -p density=0.7 both set density")
     _bad([*adapters[:2], "--method", "ties", "-p", "density=0.3", "-p", "density=0.7"], tmp_path,
          "-p density is given more than once")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 KiB tmpfs (as root; skipped otherwise): the merged adapter does not fit."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs to make a full disk")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(adapters, small_disk):
+    # issue 12, point 14: the weights (~30 KiB in float32) do not fit in 12 KiB
+    proc = run_cli("merge", *adapters, "--method", "tsv", "--dtype", "float32", "--out", small_disk / "merged",
+                   check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "No space left on device" in lines[0] and str(small_disk / "merged") in lines[0]
+    assert list(small_disk.iterdir()) == []  # no half-written adapter, no temp directory
