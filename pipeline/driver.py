@@ -25,6 +25,10 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from coremerge.errors import AdapterError
+from coremerge.safetensors_file import FileVersion, remember_sha256
+
+from pipeline import hashcache
 from pipeline.assemble import WEIGHTS_NAME, AssemblyWork, assemble, output_digest, owns_output
 from pipeline.config import JobSpec, JobSpecError, Sources, load_job
 from pipeline.files import clean_leftovers, prune_shards
@@ -37,6 +41,10 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC, EXIT_INTERRUPTED, EXIT_STOPPED = 0, 1, 2, 130, 143
 PARTIAL_PLACEMENT_GRACE = 10.0  # seconds after the first actor is placed before the others count as unplaceable
+
+
+class RayUnavailable(RuntimeError):
+    """Ray could not be started or joined (the driver reports it in one line; exit 1)."""
 
 
 class Stopped(KeyboardInterrupt):
@@ -116,7 +124,14 @@ def _run_locked(job: JobSpec, sources: Sources, progress: Progress | None, *, ca
 
     def connect() -> None:
         nonlocal started_ray
-        started_ray = _connect_ray()
+        try:
+            started_ray = _connect_ray()
+        except Exception as err:  # noqa: BLE001  Ray would not start or join: one line, the job's state saved
+            address = os.environ.get("RAY_ADDRESS")
+            if "ray" in sys.modules:
+                sys.modules["ray"].shutdown()  # whatever half started
+            where = f"join the Ray cluster at {address}" if address else "start a local Ray"
+            raise RayUnavailable(f"cannot {where}: {_one_line(err)}") from None
         if catch:
             _catch_signals()  # ray.init replaced our SIGTERM handler with its own
 
@@ -135,6 +150,12 @@ def _run_locked(job: JobSpec, sources: Sources, progress: Progress | None, *, ca
     except JobSpecError as err:  # found once the job's records were read (an output that is not ours)
         status, state, reason = EXIT_BAD_SPEC, "failed", str(err)
         print(f"pipeline: error: {err}", file=sys.stderr)
+    except RayUnavailable as err:
+        status, state, reason = EXIT_FAILED, "failed", str(err)
+        print(f"pipeline: error: {err}", file=sys.stderr)
+    except AdapterError as err:  # an input changed between validation and planning: nothing was merged
+        status, state, reason = EXIT_FAILED, "failed", str(err)
+        print(f"pipeline: error: {err}", file=sys.stderr)
     finally:
         heartbeat.end(state, status, reason)
         if started_ray:
@@ -151,16 +172,20 @@ def _is_main_thread() -> bool:
 
 
 def _connect_ray() -> bool:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray; True if this call did either."""
-    import ray
+    """Join the cluster in RAY_ADDRESS, or start a local Ray; True if this call did either.
 
-    if ray.is_initialized():
+    The local Ray listens on 127.0.0.1 only and its token file is 0600 (pipeline.local_ray).
+    """
+    ray = sys.modules.get("ray")  # imported here only after local_ray set what Ray reads at import
+    if ray is not None and ray.is_initialized():
         return False
+    from pipeline.local_ray import join_ray, start_local_ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
+        join_ray()
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        start_local_ray(num_cpus=os.cpu_count())
     return True
 
 
@@ -212,7 +237,8 @@ def run_job(job: JobSpec, sources: Sources, *, progress: Progress | None = None,
     job.output_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or Progress(merges=len(job.merges))
     removed = clean_leftovers(job.output_dir, [job.output_dir / MANIFEST_DIR])
-    plan = make_plan(job, sources)
+    hashcache.load(job.output_dir)
+    plan = make_plan(job, sources)  # hashes every input not in the cache (AdapterError: it changed meanwhile)
     manifest = Manifest.load(job.output_dir)
     if manifest.damaged:
         progress.warn("manifest_damaged", f"the manifest was damaged ({manifest.damaged}); it is rebuilt from the "
@@ -226,6 +252,7 @@ def run_job(job: JobSpec, sources: Sources, *, progress: Progress | None = None,
     todo = manifest.reconcile(plan)
     run = _Run(job, sources, plan, manifest, progress, owned)
     run.save()
+    run.save_hashes()
     progress.begin(total=len(plan.units), done=len(plan.units) - len(todo))
     progress.event("start", job=str(job.path), output_dir=str(job.output_dir), merges=len(job.merges),
                    shards=len(plan.units), to_do=len(todo), leftovers_removed=len(removed))
@@ -249,6 +276,7 @@ def run_job(job: JobSpec, sources: Sources, *, progress: Progress | None = None,
         raise
     finally:
         saved = run.save(final=True)
+        run.save_hashes()
     removed = prune_shards(job.output_dir, manifest.rows.values(), [m.name for m in job.merges])
     if removed:
         progress.event("shards_pruned", paths=len(removed))
@@ -285,8 +313,20 @@ class _Run:
         self.to_assemble: deque[str] | None = None  # while the workers run: merges to assemble on one
         self.save_error: str | None = None
         self._digests: dict[str, str | None] = {}
+        self._hashes_warned = False
 
     # --- the manifest ------------------------------------------------------------------------
+    def save_hashes(self) -> None:
+        """Keep the sha256 of the inputs, shards and outputs for the next run (a cache: a failure costs
+        the next run a re-hash, so it is one warning line, once)."""
+        try:
+            hashcache.save(self.job.output_dir, [src.weights_file for srcs in self.sources.values() for src in srcs])
+        except OSError as err:
+            if not self._hashes_warned:
+                self._hashes_warned = True
+                text = err.strerror or str(err)
+                self.progress.warn("hashes_not_saved", f"cannot save the hash cache: {text}", error=text)
+
     def save(self, *, every: float = 0.0, final: bool = False) -> bool:
         """Save the manifest; a failure (a full disk) is reported once and the job goes on: the shard
         files prove themselves to the next run. False if the latest save failed."""
@@ -370,7 +410,8 @@ class _Run:
     def _assembly_work(self, merge: str) -> AssemblyWork:
         return AssemblyWork(output_dir=str(self.job.output_dir), merge=self.job.merge(merge),
                             rows=tuple(dict(self.manifest.rows[k]) for k in self.keys_of[merge]),
-                            owned=merge in self.owned, key=self.plan.output_keys[merge])
+                            owned=merge in self.owned, key=self.plan.output_keys[merge],
+                            inputs=self.plan.inputs[self.job.merge(merge).adapter_set])
 
     def _assembly_outcome(self, outcome, merge: str, crashes: dict[tuple[str, str], int]) -> None:
         """Record what became of ``merge``'s assembly on a worker (a crash is retried like a shard's)."""
@@ -389,6 +430,7 @@ class _Run:
         if record["status"] != "done":
             self.fail(merge, str(record["error"]))
             return
+        remember_hashes(record)
         self._assembled(merge, Path(str(record["path"])), str(record["sha256"]), str(record["digest"]),
                         float(record["seconds"]), by=str(record["worker"]))
 
@@ -416,6 +458,7 @@ class _Run:
     # --- records and merges ------------------------------------------------------------------
     def record(self, record: Mapping[str, object]) -> None:
         key = (str(record["merge"]), str(record["shard"]))
+        remember_hashes(record)
         fields = {k: record.get(k) for k in ("status", "sha256", "bytes", "seconds", "error", "worker", "device",
                                              "max_rss_mb", "max_gpu_mb")}
         if record.get("file"):
@@ -496,7 +539,7 @@ class _Watch:
     def placement(self, pool, progress: Progress) -> None:
         """Warn once when some actors cannot be placed; raise PlacementError when none can."""
         now = time.monotonic()
-        timeout = getattr(self.job, "placement_timeout_s", 600.0)
+        timeout = self.job.placement_timeout_s
         if pool.healthy() == 0:
             self.unhealthy_since = self.unhealthy_since or now
             if now - self.unhealthy_since >= timeout:
@@ -527,8 +570,11 @@ class _Watch:
     def stall(self, pool, progress: Progress, *, busy: bool) -> None:
         """Report, every ``stall_timeout_s``, when no work has finished for that long while work is pending."""
         now = time.monotonic()
+        if pool.healthy() == 0:  # nothing placed yet (or all restarting): the placement alarm's case
+            self.last_progress, self.last_stall_report = now, None
+            return
         since = self.last_stall_report or self.last_progress
-        if busy and now - since >= getattr(self.job, "stall_timeout_s", 900.0):
+        if busy and now - since >= self.job.stall_timeout_s:
             self.last_stall_report = now
             actors = pool.describe(_describe_payload)
             idle = now - self.last_progress
@@ -536,6 +582,13 @@ class _Watch:
                                                                     if a.get("work") else "") for a in actors)
             progress.warn("stall", f"no work finished for {idle:.0f} s: {text}", seconds=round(idle, 1),
                           actors=actors)
+
+
+def remember_hashes(record: Mapping[str, object]) -> None:
+    """Trust the hashes a worker computed of the files it wrote (:func:`pipeline.worker.hashed`), each for
+    the version it wrote: the hash cache then spares the next run reading them."""
+    for path, entry in dict(record.get("hashed") or {}).items():
+        remember_sha256(path, entry[5], FileVersion(*entry[:5]))
 
 
 def _describe_payload(payload: object) -> str:

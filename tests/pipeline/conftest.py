@@ -23,16 +23,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the in-process tests (2 CPUs, 2 fake GPUs)."""
-    import ray
+    """One local Ray for the in-process tests (2 CPUs, 2 fake GPUs), started as the pipeline starts its
+    own: loopback only, token file 0600 (pipeline.local_ray)."""
+    from pipeline.local_ray import start_local_ray
 
     try:
-        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+        start_local_ray(num_cpus=2, num_gpus=2)
     except Exception as err:  # noqa: BLE001  Ray waits 30 s for its raylet: too short on a loaded machine
         if "timed out during startup" not in str(err):
             raise
+        import ray
+
         ray.shutdown()
-        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+        start_local_ray(num_cpus=2, num_gpus=2)
+    import ray
+
     yield ray
     ray.shutdown()
 

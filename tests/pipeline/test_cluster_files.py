@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -33,6 +34,22 @@ def test_start_head_script():
     assert "--dashboard-host 127.0.0.1" in script and '--node-ip-address "$head_ip"' in script
     assert 'head_ip="${RAY_HEAD_IP:-127.0.0.1}"' in script
     assert "cluster/start-head.sh" in README and "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265" in README
+
+
+def test_start_head_settings_are_documented():
+    """Every variable start-head.sh reads has a row in cluster/README.md's settings table, with the
+    script's default."""
+    script = (CLUSTER / "start-head.sh").read_text()
+    section = README.split("\n## start-head.sh settings\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line.split("|") for line in section.splitlines()]
+    rows = {cells[1].strip(): cells[2].strip() for cells in lines if len(cells) > 3}
+    read = dict(re.findall(r"\$\{(RAY_[A-Z_]+):-([^}]*)\}", script))
+    assert {"RAY_HEAD_IP", "RAY_HEAD_PORT", "RAY_DASHBOARD_PORT"} <= set(read)
+    for name, default in read.items():
+        row = next((cell for cell in rows if f"`{name}`" in cell), None)
+        assert row is not None, f"{name} (read by start-head.sh) has no row in the README's settings table"
+        if default and not default.startswith("$"):
+            assert rows[row] == f"`{default}`", (name, rows[row], default)
 
 
 def test_cluster_launcher_config():
