@@ -25,6 +25,7 @@ import os
 import secrets
 import socket
 import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +56,8 @@ def start_local_ray(*, num_cpus: int | None = None, num_gpus: int | None = None)
         '127.0.0.1'
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for a new local Ray, without its warning
+    if "ray" not in sys.modules:  # Ray reads it at import: set later, its driver would use no token
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for a new local Ray, without its warning
     _use_loopback_node_ip()
     ensure_token_file()
     import ray
