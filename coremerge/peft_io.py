@@ -57,9 +57,9 @@ from torch import Tensor
 from coremerge import hub
 from coremerge.errors import AdapterChangedError, AdapterError
 from coremerge.safetensors_file import (  # noqa: F401 (re-exported: the pipeline and tests import them from here)
-    _KNOWN, FLOAT_DTYPES, FileVersion, file_sha256, known_sha256, open_regular, open_safetensors, read_capped,
-    read_tensors, remember_sha256, safetensors_header, safetensors_index, show, tensor_bytes, version_sha256,
-    write_hashed)
+    _KNOWN, FLOAT_DTYPES, FileVersion, file_sha256, known_sha256, open_expected, open_regular, open_safetensors,
+    read_capped, read_tensors, remember_sha256, safetensors_header, safetensors_index, show, tensor_bytes,
+    version_sha256, write_hashed)
 from coremerge.safetensors_file import SAFETENSORS_DTYPES as _SAFETENSORS_DTYPES
 from coremerge.types import LoraFactors, LowRank, StoredLowRank
 
@@ -621,12 +621,8 @@ def _load_bin(path: Path, name: str, expect: FileVersion | None = None) -> tuple
     """A legacy adapter_model.bin and its version, only ever through torch.load(weights_only=True): never
     unpickle code. Loaded through the descriptor that was checked (a regular file, at ``expect``)."""
     where = f"adapter {name!r}: {path.name}"
-    fd = open_regular(path, where)
+    fd, version = open_expected(path, where, expect)
     try:
-        version = FileVersion.of(fd)
-        if expect is not None and version != expect:
-            raise AdapterChangedError(f"{where} changed since it was opened ({version.change_from(expect)}); nothing "
-                                      f"built from it is kept; run again")
         with _BINS_LOCK:
             state = _BINS.get((str(path), version))
         if state is None:
@@ -1134,7 +1130,8 @@ def reserve_output(out: str | os.PathLike, *, force: bool = False,
         if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
                              errno.ENAMETOOLONG, errno.ELOOP):
             raise  # a full disk, an I/O error: the CLI says so with exit 1
-        where = err.filename or out.parent
+        where = err.filename if err.filename and Path(err.filename) != out.parent / Path(err.filename).name else None
+        where = where or out.parent  # the directory that refused, not the temp name we asked for in it
         raise OutputPathError(f"cannot write output {shown}: {where}: {err.strerror or err}; "
                               f"choose a directory you can write") from None
 

@@ -410,6 +410,18 @@ class SafetensorsReader:
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
 
 
+def open_expected(path: str | os.PathLike, where: str, expect: FileVersion | None) -> tuple[int, FileVersion]:
+    """:func:`open_regular` and the version opened, which must be ``expect`` when given (else
+    :class:`AdapterChangedError`, the descriptor closed)."""
+    fd = open_regular(path, where)
+    version = FileVersion.of(fd)
+    if expect is not None and version != expect:
+        os.close(fd)
+        raise AdapterChangedError(f"{where} changed since it was opened ({version.change_from(expect)}); nothing "
+                                  f"built from it is kept; run again")
+    return fd, version
+
+
 @contextmanager
 def open_safetensors(path: str | os.PathLike, *, where: str | None = None,
                      expect: FileVersion | None = None) -> Iterator[SafetensorsReader]:
@@ -421,12 +433,8 @@ def open_safetensors(path: str | os.PathLike, *, where: str | None = None,
         ...     a = f.tensor("model.layers.0.self_attn.q_proj.a")    # (q, n)
     """
     where = where or str(path)
-    fd = open_regular(path, where)
+    fd, version = open_expected(path, where, expect)
     try:
-        version = FileVersion.of(fd)
-        if expect is not None and version != expect:
-            raise AdapterChangedError(f"{where} changed since it was opened ({version.change_from(expect)}); nothing "
-                                      f"built from it is kept; run again")
         try:
             yield SafetensorsReader(fd, version, cached_header(fd, path, version, where), where)
         except AdapterError:
