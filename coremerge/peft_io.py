@@ -205,12 +205,14 @@ class PatternMatcher:
                 raise TimeoutError
             return (compiled.fullmatch if full else compiled.match)(text, timeout=timeout)
         except TimeoutError:
-            spent = (f"takes over {self.timeout_s:g} s to match module {show(text)}" if timeout == self.timeout_s else
+            if timeout < self.timeout_s:
+                self.left_s = 0.0  # the budget ran out (regex may stop a little early: it is spent all the same)
+            spent = (f"takes over {self.timeout_s:g} s to match module {show(text)}" if timeout >= self.timeout_s else
                      f"used up the {self.budget_s:g} s that matching all the adapter's patterns may take")
             raise AdapterError(f"{self.where} {field} pattern {show(pattern)} {spent} (catastrophic backtracking: PEFT "
                                f"itself would hang on it); refusing the adapter") from None
         finally:
-            self.left_s -= time.perf_counter() - start
+            self.left_s = max(0.0, self.left_s - (time.perf_counter() - start)) if self.left_s > 0 else 0.0
 
 
 _ESCAPE = re.compile(r"\\.", re.DOTALL)

@@ -1,4 +1,4 @@
-"""The job's persistent hash cache: ``output_dir/manifest/hashes.json``.
+"""The job's persistent hash cache: ``output_dir/manifest/_hashes.json``.
 
 Finished work is identified by the content (sha256) of every input, and every shard file and
 merged adapter is checked against the sha256 recorded when it was written. Reading a 100 GB batch
@@ -28,7 +28,7 @@ from coremerge.safetensors_file import FileVersion, known_hashes, remember_sha25
 from pipeline.files import atomic_write_bytes
 from pipeline.manifest import MANIFEST_DIR
 
-CACHE_NAME = "hashes.json"
+CACHE_NAME = "_hashes.json"  # "_": pyarrow reading output_dir/manifest as a dataset skips it
 FORMAT = 1
 MAX_CACHE_BYTES = 256 << 20  # far beyond any real job (an entry is ~150 bytes); bigger is not ours
 

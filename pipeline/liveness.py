@@ -1,6 +1,6 @@
 """Whether a job's driver is alive: a small state file beside the manifest, and its heartbeat.
 
-``output_dir/manifest/driver.json`` names the last run that held the job's lock: its run id,
+``output_dir/manifest/_driver.json`` names the last run that held the job's lock: its run id,
 host, pid, job file, when it started, when it last beat (every :data:`BEAT_EVERY` seconds, from
 a thread of its own, so that a driver busy hashing gigabytes still beats), and how it ended
 (``finished``, ``failed``, ``interrupted``, with the exit status and a reason). The driver writes
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pipeline.files import atomic_write_bytes
 
-STATE_FILE = "driver.json"
+STATE_FILE = "_driver.json"  # "_": pyarrow reading output_dir/manifest as a dataset skips it
 LOCK_FILE = ".lock"
 BEAT_EVERY = 5.0  # seconds between heartbeats
 REMOTE_ALIVE = 6 * BEAT_EVERY  # a driver on another host is judged by its heartbeat's age alone
@@ -55,7 +55,7 @@ def read_state(output_dir: str | Path) -> dict[str, object] | None:
 
 
 class Heartbeat:
-    """The driver's side: writes ``driver.json`` at the start, every few seconds, and at the end.
+    """The driver's side: writes ``_driver.json`` at the start, every few seconds, and at the end.
 
     A failed write (a full disk) is skipped silently: the state file is advice for ``status``,
     and the manifest is what the job trusts.

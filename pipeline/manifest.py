@@ -40,7 +40,8 @@ from pipeline.worker import find_shards, shard_intact
 
 MANIFEST_DIR = "manifest"
 MANIFEST_FILE = "manifest.parquet"
-DAMAGED_SUFFIX = ".damaged"  # a damaged manifest is kept beside, under this suffix, for a post-mortem
+DAMAGED_NAME = "_manifest.parquet.damaged"  # a damaged manifest is kept beside, for a post-mortem ("_": no
+# reader of output_dir/manifest as a pyarrow dataset trips on it)
 
 SCHEMA = pa.schema([
     ("merge", pa.string()), ("shard", pa.string()), ("status", pa.string()), ("path", pa.string()),
@@ -157,7 +158,7 @@ class Manifest:
 
     @classmethod
     def load(cls, output_dir: str | Path, *, keep_damaged: bool = True) -> "Manifest":
-        """The saved manifest; a damaged one counts as lost (moved aside to ``manifest.parquet.damaged``
+        """The saved manifest; a damaged one counts as lost (moved aside to ``_manifest.parquet.damaged``
         unless ``keep_damaged`` is False, when it is left alone) and the manifest starts empty:
         :meth:`reconcile` then proves finished shards from the files on disk."""
         try:
@@ -168,7 +169,7 @@ class Manifest:
             if keep_damaged:
                 path = manifest_path(output_dir)
                 with contextlib.suppress(OSError):
-                    os.replace(path, path.with_name(path.name + DAMAGED_SUFFIX))
+                    os.replace(path, path.with_name(DAMAGED_NAME))
             return manifest
         rows = {}
         if table is not None:

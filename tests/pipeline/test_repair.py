@@ -146,7 +146,7 @@ def test_a_damaged_manifest_is_rebuilt_from_the_shard_files(finished, damage, ca
     assert again.keys() == first.keys()
     for key, row in first.items():
         assert (again[key]["status"], again[key]["path"], again[key]["sha256"]) == ("done", row["path"], row["sha256"])
-    assert (out / "manifest" / "manifest.parquet.damaged").is_file()  # kept for a post-mortem
+    assert (out / "manifest" / "_manifest.parquet.damaged").is_file()  # kept for a post-mortem
 
 
 def test_a_full_disk_at_the_last_save_loses_no_recorded_failure(tmp_path, adapters, one_thread, capsys, monkeypatch):

@@ -83,7 +83,7 @@ def test_a_stopped_driver_saves_says_so_and_stops_its_ray(tmp_path, signum, caps
         assert status_file(job) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].startswith("last run: interrupted at ") and f"(exit {expected})" in lines[0], lines
-        state = json.loads((tmp_path / "out" / "manifest" / "driver.json").read_text())
+        state = json.loads((tmp_path / "out" / "manifest" / "_driver.json").read_text())
         assert state["state"] == "interrupted" and state["exit_status"] == expected
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
         assert again.returncode == 0, again.stderr
