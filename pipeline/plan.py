@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from coremerge import peft_io
-from coremerge.merge import dtype_name
+from coremerge.errors import AdapterChangedError
+from coremerge.merge import dtype_name, open_all
 from coremerge.peft_io import AdapterSource
 
 from pipeline.config import JobSpec, MergeSpec, Sources
@@ -115,7 +116,7 @@ def make_plan(job: JobSpec, sources: Sources) -> Plan:
     groups: dict[str, list[MergeSpec]] = {}
     for merge in job.merges:
         groups.setdefault(group_id(merge), []).append(merge)
-    inputs = {ids: input_versions(srcs) for ids, srcs in sources.items()}  # hashes every input (cached)
+    inputs = {ids: _input_versions(sources, ids) for ids in list(sources)}  # hashes every input (cached)
     identities = {ids: _adapter_identity(versions) for ids, versions in inputs.items()}
     tasks: list[Task] = []
     for group, merges in groups.items():
@@ -152,6 +153,20 @@ def work_of(job: JobSpec, plan: Plan, task: Task, merges: Sequence[str]) -> Shar
     return ShardWork(shard=task.shard, adapters=task.adapters, modules=task.modules, targets=targets,
                      bases_dir=str(job.output_dir / SHARD_DIR / BASES_DIR / task.group),
                      inputs=plan.inputs[task.adapters])
+
+
+def _input_versions(sources: Sources, adapters: tuple[str, ...], tries: int = 3) -> tuple[InputVersion, ...]:
+    """The set's inputs as hashed now. An adapter that changed since the job file was read (a retrained
+    adapter copied in) is opened and checked again, and ``sources`` updated: the whole run then merges
+    the new version (workers refuse any other)."""
+    for attempt in range(tries):
+        try:
+            return input_versions(sources[adapters])
+        except AdapterChangedError:
+            if attempt == tries - 1:
+                raise
+            sources[adapters] = open_all(adapters)
+    raise AssertionError("unreachable")
 
 
 def _adapter_identity(inputs: Sequence[InputVersion]) -> list[dict[str, str]]:

@@ -146,3 +146,16 @@ def test_an_input_replaced_mid_run_fails_its_merge_and_keeps_nothing(tmp_path, a
     monkeypatch.delenv("COREMERGE_TEST_SHARD_DELAY")
     assert run_job_file(job) == 0  # the next run merges the new version whole
     assert (out / "tsv" / WEIGHTS).read_bytes() == reference_output(tmp_path, tmp_path / "snli-v2")
+
+
+def test_an_input_replaced_before_planning_is_planned_as_it_is_now(tmp_path, adapters):
+    """Between reading the job file and hashing the inputs (minutes, for a large batch) an adapter is
+    replaced: the run plans, merges and reports the new version, whole."""
+    job, sources = load_job(write_job(tmp_path / "job.yaml", JOB.format(out="out", snli="adapters/snli")))
+    replacement = new_version(tmp_path) / WEIGHTS
+    shutil.copyfile(replacement, adapters[0] / "new.tmp")
+    os.replace(adapters[0] / "new.tmp", adapters[0] / WEIGHTS)
+    plan = make_plan(job, sources)
+    snli_set = job.merge("tsv").adapter_set
+    assert plan.inputs[snli_set][0].weights_sha256 == sha(replacement)
+    assert sources[snli_set][0].weights_version.ino == (adapters[0] / WEIGHTS).stat().st_ino  # reopened
