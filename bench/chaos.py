@@ -2,20 +2,23 @@
 
     python bench/chaos.py [--kills 20] [--actor-kills 5] [--seed 0] [--dir bench/.cache/chaos]
 
-A batch with sweeps (4 adapters, 3 adapter sets, 22 merges, 12 layers) runs once without
+A batch with sweeps (4 adapters, 3 adapter sets, 20 merges, 32 layers) runs once without
 interruption (the reference), then again into another output_dir through a storm of events in a
 random order:
 
 - ``kills`` driver kills: SIGKILL of the driver's process group (the driver and the local Ray it
   started) at a random moment of a run;
 - ``actor-kills``: SIGKILL of one merge actor's process in the middle of a run (Ray restarts it,
-  the driver retries its shard);
-- one input replaced mid-run by another valid adapter (atomic rename), then put back after the run;
+  the driver retries its shard), then of the driver a few seconds later (so that work is left);
+- one input (adapter a: 14 of the 20 merges read it) replaced mid-run by another valid adapter
+  (atomic rename), then put back after the run: those merges fail in that run and are merged
+  again from the original later (their shards are not counted as redone);
 - one full disk: as root, output_dir is a small tmpfs and a filler file takes its free space in the
   middle of a run (removed after it); otherwise the run's driver gets a file-size limit
   (RLIMIT_FSIZE, EFBIG instead of ENOSPC).
 
-Then one final run. Checked, and printed as a Markdown table for bench/RESULTS.md: every merged
+Every disturbed run slows each task by ``--delay`` seconds (the COREMERGE_TEST_SHARD_DELAY test hook:
+96 tasks, ~75 s of work with 2 workers), so that the events land while work is left. Then one final run. Checked, and printed as a Markdown table for bench/RESULTS.md: every merged
 adapter byte-identical to the reference's (the report but for its timings), no shard that a
 manifest ever recorded done redone for the same fingerprint, no leftover temp file, no Ray process
 left after any event, no traceback in any run's output.
@@ -44,7 +47,7 @@ from pipeline_helpers import marked_pids, stop_marked  # noqa: E402
 
 from coremerge.synthetic import ALL_LINEAR, llama_shapes, write_lora_adapter  # noqa: E402
 
-MODEL = dict(hidden=384, intermediate=1024, layers=12, kv_dim=128)
+MODEL = dict(hidden=512, intermediate=1376, layers=32, kv_dim=128)
 
 
 def write_inputs(root: Path) -> list[Path]:
@@ -99,12 +102,14 @@ class Chaos:
         self.tracebacks: list[str] = []
         self.ray_left: list[str] = []
 
-    def start(self, job: Path, *, limit_fsize: int | None = None) -> tuple[subprocess.Popen, str, str]:
+    def start(self, job: Path, *, limit_fsize: int | None = None, delay: float = 0.0) -> tuple[subprocess.Popen, str, str]:
         marker = uuid.uuid4().hex
         ray_tmp = tempfile.mkdtemp(prefix="chaos", dir="/tmp")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(COREMERGE_TEST_RUN=marker, RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0",
                    COREMERGE_LOG_INTERVAL="2")
+        if delay:  # the test hook: each task sleeps after its first module, so that a run lasts long enough
+            env["COREMERGE_TEST_SHARD_DELAY"] = str(delay)
 
         def limits() -> None:
             if limit_fsize is not None:
@@ -169,6 +174,8 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--actor-kills", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--delay", type=float, default=1.5, help="seconds each task sleeps in the disturbed runs "
+                        "(COREMERGE_TEST_SHARD_DELAY): the merging itself takes ~15 s here, too short to hit")
     parser.add_argument("--dir", type=Path, default=REPO / "bench" / ".cache" / "chaos")
     args = parser.parse_args()
     root = args.dir.resolve()
@@ -198,22 +205,25 @@ def main() -> int:
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(root / "out")],
                                  capture_output=True).returncode == 0
 
-    plan = ["kill"] * args.kills + ["actor"] * args.actor_kills + ["replace", "disk-full"]
+    plan = ["kill"] * args.kills + ["actor"] * args.actor_kills
     chaos.rng.shuffle(plan)
-    replaced = adapters[1] / "adapter_model.safetensors"
-    original = root / "b-original.safetensors"
+    for kind in ("replace", "disk-full"):  # in the first half: while there is work to disturb
+        plan.insert(chaos.rng.randrange(1, len(plan) // 2), kind)
+    replaced = adapters[0] / "adapter_model.safetensors"
+    original = root / "a-original.safetensors"
     shutil.copy2(replaced, original)
-    other = write_lora_adapter(root / "b-other", llama_shapes(**MODEL, modules=ALL_LINEAR), rank=16, lora_alpha=16,
-                               use_rslora=True, seed=99) / "adapter_model.safetensors"
+    other = write_lora_adapter(root / "a-other", llama_shapes(**MODEL), rank=8, lora_alpha=16,
+                               seed=99) / "adapter_model.safetensors"
     try:
         for kind in plan:
             event: dict[str, object] = {"kind": kind}
             filler = root / "out" / "filler"
             limit = None if mounted or kind != "disk-full" else 64 * 1024  # no tmpfs: writes past 64 KiB fail
-            proc, marker, tmp = chaos.start(job, limit_fsize=limit)
+            done_before = chaos.observe(root / "out")
+            proc, marker, tmp = chaos.start(job, limit_fsize=limit, delay=args.delay)
             t0 = time.monotonic()
             if kind == "kill":
-                at = chaos.rng.uniform(0.2, 0.8 * reference_s)
+                at = chaos.rng.uniform(4.0, 14.0)  # start-up is ~6 s: at start-up, planning or mid-merge
                 while time.monotonic() - t0 < at and proc.poll() is None:
                     time.sleep(0.05)
                 event["at"] = round(time.monotonic() - t0, 1)
@@ -230,10 +240,13 @@ def main() -> int:
                 if victims:
                     os.kill(chaos.rng.choice(victims), signal.SIGKILL)
                     event["at"] = round(time.monotonic() - t0, 1)
+                    time.sleep(chaos.rng.uniform(3.0, 8.0))  # the retry runs; then the driver goes too
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
                 else:
                     event["note"] = "no actor to kill (nothing to merge)"
             elif kind == "replace":
-                while chaos.observe(root / "out") == 0 and proc.poll() is None and time.monotonic() - t0 < 120:
+                while chaos.observe(root / "out") <= done_before and proc.poll() is None and time.monotonic() - t0 < 120:
                     time.sleep(0.2)
                 time.sleep(chaos.rng.uniform(0.5, 2.0))
                 staged = replaced.with_name(".staged")
@@ -241,7 +254,7 @@ def main() -> int:
                 os.replace(staged, replaced)  # as a `cp new && mv` of a retrained adapter does
                 event["at"] = round(time.monotonic() - t0, 1)
             elif kind == "disk-full" and mounted:
-                time.sleep(chaos.rng.uniform(1.0, 0.5 * reference_s))
+                time.sleep(chaos.rng.uniform(6.0, 20.0))
                 free = shutil.disk_usage(root / "out").free
                 with open(filler, "wb") as f:
                     try:
@@ -253,6 +266,8 @@ def main() -> int:
             if kind == "replace":
                 shutil.copy2(original, replaced.with_name(".staged"))
                 os.replace(replaced.with_name(".staged"), replaced)  # the original content again
+                for key in [k for k in chaos.done_seen if not k[0].startswith("s3")]:  # read adapter a
+                    del chaos.done_seen[key]  # merged again from the original later: not a redo
             filler.unlink(missing_ok=True)
         proc, marker, tmp = chaos.start(job)
         chaos.finish(proc, marker, tmp, {"kind": "final"}, root / "out")
@@ -306,6 +321,12 @@ def report(chaos: Chaos, result: dict, reference_s: float, mounted: bool, args: 
     print(f"| reference run (uninterrupted) | {reference_s:.1f} s, {result['merges']} merges, {result['rows']} shards |")
     for kind, counts in exits.items():
         print(f"| {kind} events: exit statuses | {', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))} |")
+    before, mid = 0, 0
+    for e in chaos.events[1:-1]:
+        if e["kind"] == "kill" and e["exit"] == -9 and 0 < e["done_rows"] - before:
+            mid += 1
+        before = e["done_rows"]
+    print(f"| kills that landed after this run had finished shards, with work left | {mid} |")
     print(f"| disk full by | {'a tmpfs filled mid-run' if mounted else 'RLIMIT_FSIZE (EFBIG)'} |")
     print(f"| final run | exit {chaos.events[-1]['exit']} |")
     print(f"| merged adapters byte-identical to the reference | {result['merges'] - len(result['different'])}"
