@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -23,6 +24,7 @@ from pipeline.actors import MergeWorker
 from pipeline.config import load_job
 from pipeline.driver import run_job_file
 from pipeline.plan import make_plan, work_of
+from pipeline.status import status_file
 
 from pipeline_helpers import TINY, json_lines, write_job
 
@@ -132,6 +134,11 @@ def test_an_input_replaced_mid_run_fails_its_merge_and_keeps_nothing(tmp_path, a
     deadline = time.monotonic() + 120
     while not list((out / ".shards" / "tsv").glob("*.safetensors")) and time.monotonic() < deadline:
         time.sleep(0.05)
+    capsys.readouterr()
+    assert status_file(job) == 0  # issue 12, point 11: a live driver is said to be one
+    said = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("{")]  # not the driver's
+    assert re.fullmatch(r"last run: running \(heartbeat \d+ s ago\), .*", said[0]), said
+    assert any(line.split()[:1] == ["tsv"] and "running" in line for line in said), said
     replacement = new_version(tmp_path) / WEIGHTS  # a new file renamed over the old one, as an editor saves
     shutil.copyfile(replacement, adapters[0] / "new.tmp")
     os.replace(adapters[0] / "new.tmp", adapters[0] / WEIGHTS)
