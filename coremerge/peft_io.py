@@ -952,12 +952,13 @@ def _tensor_layout(modules: Mapping[str, LowRank | StoredLowRank],
                    config: Mapping[str, Any]) -> dict[str, tuple[str, str, tuple[int, int]]]:
     """tensor name -> (module, part, shape) for every tensor of the merged adapter, checked against ``config``."""
     layout: dict[str, tuple[str, str, tuple[int, int]]] = {}
+    rules = ConfigRules(config, PatternMatcher("merged adapter config:"))  # once: a 70B merge has ~600 modules
     for module, lr in modules.items():
         rank = max(lr.rank, 1)  # PEFT needs r >= 1: an all-zero update is written as one zero rank
-        r, _ = resolve_rank_alpha(config, module)
-        if r != rank or abs(lora_scale(config, module) - 1.0) > 1e-12:
-            raise ValueError(f"module {module!r}: rank {rank} but the config gives rank {r} and scale "
-                             f"{lora_scale(config, module)}; build the config with adapter_config_for")
+        (r, _), scale = rules.rank_alpha(module), rules.scale(module)
+        if r != rank or abs(scale - 1.0) > 1e-12:
+            raise ValueError(f"module {module!r}: rank {rank} but the config gives rank {r} and scale {scale}; "
+                             f"build the config with adapter_config_for")
         layout[f"{PREFIX}{module}.lora_A.weight"] = (module, "lora_A", (rank, lr.in_features))
         layout[f"{PREFIX}{module}.lora_B.weight"] = (module, "lora_B", (lr.out_features, rank))
     return layout
