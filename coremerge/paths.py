@@ -33,6 +33,17 @@ class OutputOverlapError(OutputPathError):
     """An output directory is, contains or lies inside an input adapter; the message is one line."""
 
 
+def existing_ancestor(path: str | os.PathLike) -> Path:
+    """``path`` made absolute, or its nearest ancestor that exists (where it would be created).
+
+    Example:
+        >>> existing_ancestor("/tmp/no/such/dir")
+        PosixPath('/tmp')
+    """
+    path = Path(os.path.abspath(path))
+    return next((p for p in (path, *path.parents) if os.path.lexists(p)), Path(path.anchor))
+
+
 class _Source(Protocol):  # coremerge.peft_io.AdapterSource, without importing torch here
     name: str
     path: Path

@@ -31,7 +31,9 @@ is built from, or reported as, a file other than the one opened (:func:`weights_
 
 from __future__ import annotations
 
+import errno
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -39,6 +41,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections import Counter, OrderedDict
@@ -53,13 +56,14 @@ from torch import Tensor
 
 from coremerge import hub
 from coremerge.errors import AdapterChangedError, AdapterError
+from coremerge.paths import OutputPathError, existing_ancestor
+from coremerge.peft_rules import (  # noqa: F401 (re-exported)
+    ConfigRules, PatternIndex, PatternMatcher, lora_scale, pattern_key, resolve_rank_alpha)
 from coremerge.safetensors_file import (  # noqa: F401 (re-exported: the pipeline and tests import them from here)
     _KNOWN, FLOAT_DTYPES, FileVersion, file_sha256, known_sha256, open_expected, open_regular, open_safetensors,
     read_capped, read_tensors, remember_sha256, safetensors_header, safetensors_index, show, tensor_bytes,
     version_sha256, write_hashed)
 from coremerge.safetensors_file import SAFETENSORS_DTYPES as _SAFETENSORS_DTYPES
-from coremerge.peft_rules import (  # noqa: F401 (re-exported)
-    ConfigRules, PatternIndex, PatternMatcher, lora_scale, pattern_key, resolve_rank_alpha)
 from coremerge.types import LoraFactors, LowRank, StoredLowRank
 
 log = logging.getLogger(__name__)
@@ -815,8 +819,6 @@ def check_output(out: str | os.PathLike, *, force: bool = False, owned: Callable
     itself refuse directories the caller did not write). A symlink, a file, or a path under a file
     is refused even with ``force``. Writability is tested by :func:`reserve_output`.
     """
-    from coremerge.paths import OutputPathError
-
     shown, out = out, Path(os.path.abspath(out))
     if out.is_symlink():
         raise OutputPathError(f"output {shown} is a symlink; refusing to write through it (even with --force): "
@@ -832,7 +834,7 @@ def check_output(out: str | os.PathLike, *, force: bool = False, owned: Callable
         if not force:
             raise OutputPathError(f"output directory {shown} exists; pass --force to overwrite it")
         return
-    above = _existing_ancestor(out)
+    above = existing_ancestor(out)
     if not above.is_dir():
         raise OutputPathError(f"output {shown}: {above} is a file, not a directory; choose another output directory")
 
@@ -847,10 +849,6 @@ def reserve_output(out: str | os.PathLike, *, force: bool = False,
     Example:
         >>> staging = reserve_output("merged/", force=True)  # doctest: +SKIP
     """
-    import errno
-
-    from coremerge.paths import OutputPathError
-
     shown, out = out, Path(os.path.abspath(out))
     check_output(shown, force=force, owned=owned)
     try:
@@ -879,8 +877,6 @@ def clean_dead_leftovers(out: str | os.PathLike) -> list[Path]:
         >>> clean_dead_leftovers("merged/")  # doctest: +SKIP
         [PosixPath('.merged.tmp-node1-4242-k2j3h4g5')]
     """
-    import glob
-
     out = Path(os.path.abspath(out))
     host = _host()
     dead: list[tuple[str, Path]] = []
@@ -920,17 +916,7 @@ def _is_empty(path: Path) -> bool:
         return False
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    for candidate in (path, *path.parents):
-        if os.path.lexists(candidate):
-            return candidate
-    return Path("/")
-
-
 def _host() -> str:
-    import socket
-
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
@@ -969,7 +955,6 @@ def _renameat2() -> Callable[..., int] | None:
 def _rename2(src: Path, dst: Path, flags: int) -> bool:
     """``renameat2(src, dst, flags)``; False where the system or file system does not offer it."""
     import ctypes
-    import errno
 
     fn = _renameat2()
     if fn is None:

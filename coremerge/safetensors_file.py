@@ -633,6 +633,12 @@ def write_hashed(f: BinaryIO, chunks: Iterable[bytes | memoryview]) -> tuple[str
     return digest.hexdigest(), size
 
 
+def known_entry(path: str | os.PathLike) -> tuple[FileVersion, str] | None:
+    """(version, sha256) this process knows for ``path``, whatever the file is now; None if none."""
+    with _KNOWN_LOCK:
+        return _KNOWN.get(_key(path))
+
+
 def known_hashes() -> dict[str, tuple[FileVersion, str]]:
     """Every (resolved path -> (version, sha256)) this process knows: what a persistent cache saves
     (pipeline/hashcache.py) and pre-loads again through :func:`remember_sha256`."""

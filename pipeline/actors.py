@@ -59,26 +59,17 @@ class MergeWorker:
     def run(self, work: ShardWork | AssemblyWork) -> list[dict[str, object]]:
         """A shard's records, or an assembly's one record (see run_shard and run_assembly)."""
         try:
-            sources = self._open(work.adapters)
+            sources = self._open(work.adapters)  # as the files are now: compared with what the driver planned
             error = changed_input(sources, work.inputs) if work.inputs else None
-            if error is not None:  # this actor's copy may be stale: look again once
-                self._sources.pop(work.adapters, None)
-                sources = self._open(work.adapters)
-                error = changed_input(sources, work.inputs)
         except (ValueError, OSError) as err:
             error = "cannot open the adapters: " + " ".join(str(err).split())
-        if error is None:
+        if error is not None:
             if isinstance(work, AssemblyWork):
-                records = run_assembly(work, sources, device=self.device)
-            else:
-                records = run_shard(work, sources, device=self.device, hooks=self.hooks)
-            if any(r.get("status") != "done" for r in records):
-                self._sources.pop(work.adapters, None)  # an input may have changed under it: open afresh next time
-            return records
-        self._sources.pop(work.adapters, None)
+                return [{"merge": work.merge.name, "status": "failed", "error": error}]
+            return failed_records(work, error)
         if isinstance(work, AssemblyWork):
-            return [{"merge": work.merge.name, "status": "failed", "error": error}]
-        return failed_records(work, error)
+            return run_assembly(work, sources, device=self.device)
+        return run_shard(work, sources, device=self.device, hooks=self.hooks)
 
     def _open(self, adapters: tuple[str, ...]) -> list[AdapterSource]:
         """The adapters, opened once per version of their files: a set whose weights file changed since

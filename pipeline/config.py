@@ -54,7 +54,7 @@ import yaml
 from coremerge import methods
 from coremerge.hub import parse_hub_id
 from coremerge.merge import MergeOptions, dtype_name, open_all, output_dtype, parse_dtype
-from coremerge.paths import OutputOverlapError, check_output_not_input
+from coremerge.paths import OutputOverlapError, check_output_not_input, existing_ancestor
 from coremerge.peft_io import AdapterSource
 from coremerge.spaces import check_space
 
@@ -259,7 +259,7 @@ class _Loader:
         if os.path.lexists(output_dir) and not output_dir.is_dir():
             raise self.fail("output_dir", f"{output_dir} exists and is not a directory; give a directory "
                                           f"(it is made if missing)")
-        above = next(p for p in (output_dir, *output_dir.parents) if os.path.lexists(p) or p == p.parent)
+        above = existing_ancestor(output_dir)
         if not above.is_dir():
             raise self.fail("output_dir", f"{output_dir} cannot be created: {above} is a file, not a directory")
         if self.check_writable:

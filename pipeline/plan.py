@@ -159,14 +159,12 @@ def _input_versions(sources: Sources, adapters: tuple[str, ...], tries: int = 3)
     """The set's inputs as hashed now. An adapter that changed since the job file was read (a retrained
     adapter copied in) is opened and checked again, and ``sources`` updated: the whole run then merges
     the new version (workers refuse any other)."""
-    for attempt in range(tries):
+    for _ in range(tries - 1):
         try:
             return input_versions(sources[adapters])
         except AdapterChangedError:
-            if attempt == tries - 1:
-                raise
             sources[adapters] = open_all(adapters)
-    raise AssertionError("unreachable")
+    return input_versions(sources[adapters])
 
 
 def _adapter_identity(inputs: Sequence[InputVersion]) -> list[dict[str, str]]:

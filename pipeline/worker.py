@@ -44,7 +44,7 @@ from coremerge.merge import MergeOptions, build_core_space, merge_module_of, par
 from coremerge.errors import AdapterError
 from coremerge.peft_io import (AdapterSource, all_finite, known_sha256, read_tensors, remember_sha256,
                                safetensors_header, safetensors_index, tensor_bytes, weights_sha256, write_hashed)
-from coremerge.safetensors_file import FileVersion, known_hashes
+from coremerge.safetensors_file import FileVersion, known_entry
 from coremerge.types import FactoredLowRank, LowRank, StoredLowRank
 
 META_KEY = "coremerge_shard"
@@ -274,9 +274,8 @@ def _write_target(target: Target, work: ShardWork, merged: Mapping[str, Mapping[
 def hashed(paths: Sequence[str | Path]) -> dict[str, list]:
     """{resolved path: [*FileVersion, sha256]} of files this process wrote (and so hashed as it wrote
     them), for the driver's hash cache: a rerun then checks them without reading them."""
-    known = known_hashes()
-    entries = (known.get(os.path.realpath(path)) for path in paths)
-    return {os.path.realpath(path): [*entry[0], entry[1]] for path, entry in zip(paths, entries) if entry is not None}
+    entries = {os.path.realpath(path): known_entry(path) for path in paths}
+    return {path: [*entry[0], entry[1]] for path, entry in entries.items() if entry is not None}
 
 
 def failed_records(work: ShardWork, error: str) -> list[dict[str, object]]:
