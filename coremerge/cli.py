@@ -1,4 +1,4 @@
-"""The ``coremerge`` command: merge, inspect, demo.
+"""The ``coremerge`` command: merge, analyze, inspect, demo.
 
 Bad input ends with one line on stderr naming the adapter and what was expected,
 exit status 2, and nothing written. That includes an ``--out`` that is, contains or lies inside an
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from coremerge import __version__
     from coremerge.merge import DTYPES
     from coremerge.methods import METHODS
+    from coremerge.analyze import DEFAULT_METHODS
     from coremerge.spaces import SPACES
 
     parser = argparse.ArgumentParser(prog="coremerge", description="Merge LoRA adapters in Core Space.")
@@ -68,6 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
                             "(it holds merge_report.json) or empty; never anything else")
     merge.add_argument("--push-to-hub", metavar="REPO", help="upload the merged directory to this Hub repository")
 
+    analyze = sub.add_parser("analyze", help="spectra, subspace alignment and truncation of adapters and their merges",
+                             description="Analyse adapters in core space before merging them: each module's "
+                                         "spectra and information density, each task's subspace alignment with "
+                                         "the merge, interference between tasks, and what --rank would cost.")
+    analyze.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directory or hub id org/name[@rev]")
+    analyze.add_argument("--out", type=Path, help="report directory: analysis.parquet, summary.md, analysis.json, "
+                                                  "PNG plots")
+    analyze.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    analyze.add_argument("--method", action="append", metavar="M[,M...]",
+                         help=f"merge method(s) to analyse, repeatable or comma-separated (default: "
+                              f"{','.join(DEFAULT_METHODS)}); any of {', '.join(METHODS)}")
+    analyze.add_argument("--alpha", type=float, default=1.0, help="global scale of the merges (default: 1)")
+    analyze.add_argument("--weights", type=_parse_weights, help="per-adapter weights, comma-separated")
+    analyze.add_argument("--density", type=float, help="density of the methods that take one")
+    analyze.add_argument("--param", "-p", type=_parse_param, action="append", default=[], metavar="NAME=VALUE",
+                         help="a hyper-parameter, given to the methods that take it")
+    analyze.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare, dare_ties)")
+    analyze.add_argument("--sar-energy", type=float, default=0.95,
+                         help="SAR projects on the merge's fewest top directions holding this share of its energy "
+                              "(default: 0.95; 1 = every non-zero direction)")
+    analyze.add_argument("--full", action="store_true",
+                         help="also merge each module in full space (forms the dense m x n updates) and compare")
+    analyze.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"],
+                         help="dtype of the merge math (default: float32, as coremerge merge)")
+    analyze.add_argument("--force", action="store_true",
+                         help="replace an existing --out, if it is a report coremerge analyze wrote or empty")
+
     inspect = sub.add_parser("inspect", help="show adapters' modules, ranks, scales and whether they merge")
     inspect.add_argument("adapters", nargs="+", metavar="ADAPTER")
 
@@ -87,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _merge(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "analyze":
+            return _analyze(args)
         from coremerge.demo import run_demo
 
         return run_demo(args.dir, use_ray=not args.no_ray)
@@ -113,10 +143,8 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _merge(args: argparse.Namespace) -> int:
-    from coremerge import hub
-    from coremerge.merge import MergeOptions, merge_to_dir, parse_dtype
-
+def _params(args: argparse.Namespace) -> dict[str, object]:
+    """-p NAME=VALUE and --density as one mapping; a hyper-parameter given twice is refused."""
     params = dict(args.param)
     if len(params) != len(args.param):
         repeated = sorted({k for k, _ in args.param if [p for p, _ in args.param].count(k) > 1})
@@ -126,6 +154,14 @@ def _merge(args: argparse.Namespace) -> int:
             raise ValueError(f"--density {args.density} and -p density={params['density']} both set density; "
                              f"give it once")
         params["density"] = args.density
+    return params
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from coremerge import hub
+    from coremerge.merge import MergeOptions, merge_to_dir, parse_dtype
+
+    params = _params(args)
     options = MergeOptions(method=args.method, space=args.space, alpha=args.alpha, weights=args.weights,
                            params=params, rank=args.rank, seed=args.seed,
                            compute_dtype=parse_dtype(args.compute_dtype), device=args.device)
@@ -144,6 +180,45 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     if args.push_to_hub:
         print(f"pushed to {hub.push_to_hub(out, args.push_to_hub)}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from coremerge import analyze
+    from coremerge.merge import open_all, parse_dtype
+    from coremerge.paths import check_output_not_input
+
+    if args.out is None and not args.json:
+        raise ValueError("give --out DIR for the report, --json for the summary on stdout, or both")
+    if not 0.0 < args.sar_energy <= 1.0:
+        raise ValueError(f"--sar-energy must be a share in (0, 1], got {args.sar_energy}")
+    names = [m.strip() for given in (args.method or [",".join(analyze.DEFAULT_METHODS)]) for m in given.split(",")]
+    if args.out is not None:
+        check_output_not_input(args.out, args.adapters, where="--out")  # before anything is read
+        analyze.check_report_output(args.out, force=args.force)
+    sources = open_all(args.adapters)
+    merges = analyze.merge_specs([m for m in names if m], alpha=args.alpha, weights=args.weights,
+                                 params=_params(args), seed=args.seed,
+                                 compute_dtype=parse_dtype(args.compute_dtype), num_adapters=len(sources))
+    result = analyze.analyze(args.adapters, merges, sar_energy=args.sar_energy, full=args.full, sources=sources)
+    if args.out is not None:
+        summary = analyze.write_report(result, args.out, force=args.force, inputs=sources)
+    else:
+        summary = analyze.summarize(result)
+    if args.json:
+        print(json.dumps(summary, allow_nan=False))
+        return 0
+    for entry in summary["methods"]:
+        full = entry["mean_sar"]["full"]
+        print(f"{entry['merge']}: mean SAR {entry['mean_sar']['core']:.3f} (core)"
+              + (f", {full:.3f} (full)" if full is not None else "")
+              + f"; --rank for 90/95/99% energy in every module: "
+              + "/".join(str(entry["rank_for_energy"][p]) for p in ("90", "95", "99")))
+    print(f"analysed {summary['modules']} modules of {len(sources)} adapters in {summary['seconds']:.1f} s")
+    if args.out is not None:
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -777,16 +777,22 @@ def write_adapter(out_dir: str | os.PathLike, modules: Mapping[str, LowRank | St
         (tmp / CONFIG_NAME).write_bytes(_json_bytes(config))
         if report is not None:
             (tmp / REPORT_NAME).write_bytes(_json_bytes(report))
-        for f in tmp.iterdir():
-            _fsync(f)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        _replace_dir(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     remember_sha256(out / SAFETENSORS_NAME, sha)  # renaming the directory kept the file's inode and mtime
     log.info("wrote %d modules to %s", len(modules), out)
     return given
+
+
+def publish_dir(staging: Path, out: Path) -> None:
+    """Put the complete directory ``staging`` (from :func:`reserve_output`) at ``out``: its files
+    fsynced, its mode 0755, an existing ``out`` swapped out in one step where the system allows it."""
+    for f in staging.iterdir():
+        _fsync(f)
+    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+    _replace_dir(staging, out)
 
 
 def is_merged_adapter(path: str | os.PathLike) -> bool:
@@ -826,7 +832,7 @@ def check_output(out: str | os.PathLike, *, force: bool = False, owned: Callable
     if os.path.lexists(out):
         if not out.is_dir():
             raise OutputPathError(f"output {shown} exists and is not a directory; choose another output directory")
-        replaceable = owned(out) if owned is not None else (_is_empty(out) or is_merged_adapter(out))
+        replaceable = owned(out) if owned is not None else (is_empty_dir(out) or is_merged_adapter(out))
         if not replaceable:
             raise OutputPathError(f"output directory {shown} exists and is not an adapter directory coremerge wrote "
                                   f"(no valid {REPORT_NAME}); refusing to replace it even with --force: "
@@ -909,7 +915,7 @@ def clean_dead_leftovers(out: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _is_empty(path: Path) -> bool:
+def is_empty_dir(path: Path) -> bool:
     try:
         return next(os.scandir(path), None) is None
     except OSError:
