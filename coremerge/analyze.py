@@ -45,7 +45,7 @@ from torch import Tensor
 
 from coremerge import methods, peft_io
 from coremerge.linalg import thin_svd
-from coremerge.merge import MergeOptions, dtype_name, open_all, present_in
+from coremerge.merge import MergeOptions, dtype_name, merged_core_of, open_all, present_in
 from coremerge.paths import check_output_not_input
 from coremerge.spaces import CoreSpace, module_generator
 
@@ -167,26 +167,26 @@ def layer_and_kind(module: str) -> tuple[int | None, str]:
 
 def analyze_module(module: str, space: CoreSpace, task_names: Sequence[str], merges: Sequence[MergeSpec],
                    weights: Mapping[str, Sequence[float]], *, sar_energy: float = 0.95,
-                   deltas: Tensor | None = None) -> list[dict[str, object]]:
+                   deltas: Tensor | None = None,
+                   cores: dict[tuple, Tensor | None] | None = None) -> list[dict[str, object]]:
     """The rows of one module: one per merge and task. ``space`` holds the adapters that have the module
     (named ``task_names``, weighted ``weights[label]`` for each merge); ``deltas`` (T, m, n), their dense
-    updates, adds the full-space columns (the same method merged in full space)."""
-    cores = space.cores.to(torch.float64)  # (T, ku, kv)
-    task_spectra = [torch.linalg.svdvals(c)[:rank] for c, rank in zip(cores, space.ranks)]
-    cosine, subspace = overlaps(cores)
+    updates, adds the full-space columns (the same method merged in full space). ``cores`` is a sweep's
+    cache of merged cores (:func:`coremerge.merge.merged_core_of`): a core merged already is not merged
+    again."""
+    tasks = space.cores.to(torch.float64)  # (T, ku, kv)
+    task_spectra = [torch.linalg.svdvals(c)[:rank] for c, rank in zip(tasks, space.ranks)]
+    cosine, subspace = overlaps(tasks)
     layer, kind = layer_and_kind(module)
     m, n = space.basis.u.shape[0], space.basis.v.shape[1]
     k = sum(space.ranks)
     rows = []
     for merge in merges:
         options = merge.options
-        method = methods.get_method(options.method)
-        generator = module_generator(options.seed, module) if method.random else None
-        core = space.merge_core(options.method, weights=weights[merge.label], params=options.params,
-                                generator=generator)  # (ku, kv) at alpha 1, or None: all zero
+        core = merged_core_of(space, module, options, weights[merge.label], cores)  # (ku, kv) at alpha 1, or None
         merged = None if core is None else options.alpha * core.to(torch.float64)
-        figures = MergeFigures.of(merged, rows=cores.shape[1], sar_energy=sar_energy)
-        sar = alignment(figures.directions, cores)
+        figures = MergeFigures.of(merged, rows=tasks.shape[1], sar_energy=sar_energy)
+        sar = alignment(figures.directions, tasks)
         full: dict[str, object] = {}
         if deltas is not None:
             full = _full_space(module, deltas, merge, weights[merge.label], sar_energy)
@@ -195,7 +195,7 @@ def analyze_module(module: str, space: CoreSpace, task_names: Sequence[str], mer
             rows.append({
                 "module": module, "layer": layer, "kind": kind, "out_features": m, "in_features": n, "k": k,
                 "merge": merge.label, "method": options.method, "alpha": options.alpha,
-                "task": name, "task_rank": space.ranks[t], "task_norm": float(cores[t].norm()),
+                "task": name, "task_rank": space.ranks[t], "task_norm": float(tasks[t].norm()),
                 "task_sv": task_spectra[t].tolist(),
                 **{f"task_rank_{_pct(p)}": energy_rank(task_spectra[t], p) for p in ENERGY_SHARES},
                 "other_tasks": [task_names[i] for i in others],
@@ -243,7 +243,8 @@ class Analysis:
     sar_energy: float
     full: bool
     rows: tuple[dict[str, object], ...]
-    seconds: float
+    seconds: float | None  # None: gathered from a job's shards (python -m pipeline report)
+    notes: tuple[str, ...] = ()  # what the summary should say besides the figures (what is missing)
 
 
 def task_names(sources: Sequence[peft_io.AdapterSource]) -> list[str]:
@@ -318,7 +319,8 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def summarize(analysis: Analysis) -> dict[str, object]:
-    """The figures a script wants, as plain JSON values (what ``coremerge analyze --json`` prints)."""
+    """The figures a script wants, as plain JSON values (what ``coremerge analyze --json`` prints; pass it
+    through :func:`json_safe` for strict JSON: a figure of an all-zero module is NaN)."""
     from coremerge import __version__
 
     modules = sorted({row["module"] for row in analysis.rows})
@@ -353,7 +355,8 @@ def summarize(analysis: Analysis) -> dict[str, object]:
                 pairs[(row["module"], row["task"], other)] = (cos, sub)
     strongest = sorted(pairs.items(), key=lambda item: -abs(item[1][0]) if not math.isnan(item[1][0]) else 0)[:5]
     return {
-        "coremerge_version": __version__, "kind": "analysis", "seconds": round(analysis.seconds, 3),
+        "coremerge_version": __version__, "kind": "analysis",
+        "seconds": None if analysis.seconds is None else round(analysis.seconds, 3), "notes": list(analysis.notes),
         "adapters": list(analysis.adapters), "modules": len(modules), "sar_energy": analysis.sar_energy,
         "energy_shares": list(ENERGY_SHARES), "full_space": analysis.full, "methods": per_merge,
         "interference": {
@@ -422,14 +425,26 @@ def write_report(analysis: Analysis, out: str | os.PathLike, *, force: bool = Fa
         pq.write_table(table(analysis), staging / TABLE_NAME)
         (staging / SUMMARY_NAME).write_text(markdown(analysis, summary))
         write_plots(analysis, staging)
-        (staging / JSON_NAME).write_text(json.dumps(summary, indent=1, allow_nan=False, default=_json_default) + "\n")
+        (staging / JSON_NAME).write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False,
+                                                    default=_json_default) + "\n")
         peft_io.publish_dir(staging, Path(os.path.abspath(out)))
     except BaseException:
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return summary
+    return json_safe(summary)
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every NaN or infinite float (a zero task's SAR) replaced by None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _json_default(value: object) -> object:
@@ -444,9 +459,11 @@ def markdown(analysis: Analysis, summary: Mapping[str, object]) -> str:
     """summary.md: what the figures say, in tables."""
     lines = [
         "# Core-space analysis", "",
-        f"{len(analysis.tasks)} adapters, {summary['modules']} modules, analysed in {analysis.seconds:.1f} s by "
-        f"coremerge {summary['coremerge_version']}. Every figure comes from the core matrices (PAPER.md); "
+        f"{len(analysis.tasks)} adapters, {summary['modules']} modules, analysed "
+        + ("" if analysis.seconds is None else f"in {analysis.seconds:.1f} s ")
+        + f"by coremerge {summary['coremerge_version']}. Every figure comes from the core matrices (PAPER.md); "
         f"`{TABLE_NAME}` has one row per module, merge and task.", "",
+        *[f"- Note: {note}" for note in analysis.notes], *([""] if analysis.notes else []),
         "| adapter | type | modules | ranks | dtype | path |", "|---|---|---|---|---|---|",
         *(f"| {a['name']} | {a['peft_type']} | {a['modules']} | {', '.join(map(str, a['ranks']))} | {a['dtype']} | "
           f"`{a['path']}` |" for a in analysis.adapters),

@@ -206,7 +206,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.out is not None:
         summary = analyze.write_report(result, args.out, force=args.force, inputs=sources)
     else:
-        summary = analyze.summarize(result)
+        summary = analyze.json_safe(analyze.summarize(result))
     if args.json:
         print(json.dumps(summary, allow_nan=False))
         return 0
@@ -214,7 +214,7 @@ def _analyze(args: argparse.Namespace) -> int:
         full = entry["mean_sar"]["full"]
         print(f"{entry['merge']}: mean SAR {entry['mean_sar']['core']:.3f} (core)"
               + (f", {full:.3f} (full)" if full is not None else "")
-              + f"; --rank for 90/95/99% energy in every module: "
+              + "; --rank for 90/95/99% energy in every module: "
               + "/".join(str(entry["rank_for_energy"][p]) for p in ("90", "95", "99")))
     print(f"analysed {summary['modules']} modules of {len(sources)} adapters in {summary['seconds']:.1f} s")
     if args.out is not None:

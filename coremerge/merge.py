@@ -149,14 +149,7 @@ def merge_module_of(sources: Sequence[peft_io.AdapterSource], module: str, optio
     if options.space == "core":
         space = core_space or build_core_space(sources, module, compute_dtype=options.compute_dtype,
                                                device=options.device)
-        key = (options.method, tuple(weights), tuple(sorted(options.params.items())),
-               options.seed if method.random else None)
-        if cores is not None and key in cores:
-            core = cores[key]
-        else:
-            core = space.merge_core(options.method, weights=weights, params=options.params, generator=generator)
-            if cores is not None:
-                cores[key] = core
+        core = merged_core_of(space, module, options, weights, cores)
         if factored:
             return space.factored(core, alpha=options.alpha, rank=options.rank)
         return space.lowrank(core, alpha=options.alpha, rank=options.rank)
@@ -164,6 +157,22 @@ def merge_module_of(sources: Sequence[peft_io.AdapterSource], module: str, optio
                for i in present]
     return merge_module(factors, method=options.method, space=options.space, weights=weights,
                         alpha=options.alpha, params=options.params, generator=generator, rank=options.rank)
+
+
+def merged_core_of(space: CoreSpace, module: str, options: MergeOptions, weights: Sequence[float],
+                   cores: dict[tuple, Tensor | None] | None = None) -> Tensor | None:
+    """The merged core of ``module`` at alpha = 1 (:meth:`CoreSpace.merge_core`) for ``options`` and the
+    weights of the adapters that have the module; looked up in, or stored into, a sweep's ``cores``."""
+    method = methods.get_method(options.method)
+    key = (options.method, tuple(weights), tuple(sorted(options.params.items())),
+           options.seed if method.random else None)
+    if cores is not None and key in cores:
+        return cores[key]
+    generator = module_generator(options.seed, module) if method.random else None
+    core = space.merge_core(options.method, weights=weights, params=options.params, generator=generator)
+    if cores is not None:
+        cores[key] = core
+    return core
 
 
 def output_dtype(sources: Sequence[peft_io.AdapterSource], requested: torch.dtype | None) -> torch.dtype:

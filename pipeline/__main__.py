@@ -1,4 +1,4 @@
-"""``python -m pipeline run|status|plan job.yaml``."""
+"""``python -m pipeline run|status|plan|report job.yaml``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("job", type=Path, help="job file (YAML)")
     plan = sub.add_parser("plan", help="validate and print what the job would do (starts nothing)")
     plan.add_argument("job", type=Path, help="job file (YAML)")
+    report = sub.add_parser("report", help="write output_dir/report/ from what the job recorded "
+                                           "(the analysis of `analyze: true`)")
+    report.add_argument("job", type=Path, help="job file (YAML)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -26,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.driver import run_job_file
 
         return run_job_file(args.job)
+    if args.command == "report":
+        from pipeline.report import report_file
+
+        return report_file(args.job)
     from pipeline.status import plan_file, status_file
 
     return status_file(args.job) if args.command == "status" else plan_file(args.job)

@@ -11,6 +11,8 @@ Example job file::
     gpus_per_worker: 1         # default: 1 when the cluster has GPUs, else 0
     placement_timeout_s: 600   # default 600: no merge actor placed in this long -> exit 1 with the reason
     stall_timeout_s: 900       # default 900: no shard finished in this long -> log what each actor does
+    analyze: true              # default false: also analyse each core-space merge (coremerge analyze), per
+                               # shard, from the cores it builds; `python -m pipeline report` writes it out
     merges:
       - name: nli-tsv
         adapters: [adapters/snli, adapters/mnli, {path: adapters/rte, weight: 0.5}]
@@ -60,14 +62,15 @@ from coremerge.spaces import check_space
 
 SHARD_BY = ("layer", "module")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
-RESERVED_NAMES = frozenset({"manifest"})  # output_dir/manifest holds the manifest
+RESERVED_NAMES = frozenset({"manifest", "report"})  # output_dir/manifest holds the manifest; report: the report
 
 _JOB_KEYS = ("output_dir", "workers", "gpus_per_worker", "cpus_per_worker", "shard_by",
-             "max_in_flight_per_worker", "retries", "placement_timeout_s", "stall_timeout_s", "merges", "sweeps")
+             "max_in_flight_per_worker", "retries", "placement_timeout_s", "stall_timeout_s", "analyze", "merges",
+             "sweeps")
 _MERGE_KEYS = ("name", "adapters", "method", "space", "alpha", "params", "rank", "seed", "dtype", "compute_dtype")
 _SWEPT_KEYS = ("method", "space", "alpha", "rank", "seed", "dtype", "compute_dtype")  # may be lists in a sweep
 _NAME_TOKEN = {"alpha": "a", "rank": "r", "seed": "seed"}  # sweep-member name prefix; others: the bare value
-_JOB_DIRS = (".shards", "manifest")  # what the job writes in output_dir besides the merges (pipeline.plan, .manifest)
+_JOB_DIRS = (".shards", "manifest", "report")  # what the job writes in output_dir besides the merges
 _MAX_JOB_BYTES = 16 << 20  # a job file of a thousand merges is a few hundred kB
 
 
@@ -110,6 +113,7 @@ class JobSpec:
     retries: int = 3
     placement_timeout_s: float = 600.0  # no merge actor placed for this long: the job ends (exit 1)
     stall_timeout_s: float = 900.0  # no shard finished for this long while work is pending: say so
+    analyze: float | None = None  # the SAR energy share of `analyze: true` (coremerge.analyze); None: off
 
     def merge(self, name: str) -> MergeSpec:
         return self._by_name[name]
@@ -236,6 +240,7 @@ class _Loader:
             retries=self.integer(raw, "retries", 3, minimum=0),
             placement_timeout_s=self.number(raw, "placement_timeout_s", 600.0, minimum=0.0, strict=True),
             stall_timeout_s=self.number(raw, "stall_timeout_s", 900.0, minimum=0.0, strict=True),
+            analyze=self.analyze(raw.get("analyze")),
         )
         self.output_dir(output_dir)
         merges = [self.merge(entry, f"merges[{i}]") for i, entry in enumerate(self.seq(raw, "merges"))]
@@ -437,6 +442,20 @@ class _Loader:
             if any(type(v) is type(value) and v == value for v in values[:i]):
                 raise self.fail(key, f"{value!r} is listed twice; give each value once")
         return values
+
+    def analyze(self, value: object) -> float | None:
+        """``analyze: true`` (SAR energy 0.95), ``analyze: {sar_energy: 0.9}``, or off (false, absent)."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return 0.95
+        if isinstance(value, Mapping):
+            self.keys(value, "analyze", ("sar_energy",))
+            share = value.get("sar_energy", 0.95)
+            if _is_number(share) and 0.0 < share <= 1.0:
+                return float(share)
+            raise self.fail("analyze.sar_energy", f"expected a share in (0, 1], got {share!r}")
+        raise self.fail("analyze", f"expected true, false or a mapping {{sar_energy: 0.95}}; got {_kind(value)}")
 
     # --- scalars ---------------------------------------------------------------------------
     def keys(self, raw: Mapping, where: str, allowed: Sequence[str]) -> None:

@@ -126,7 +126,7 @@ def make_plan(job: JobSpec, sources: Sources) -> Plan:
             for merge in merges:
                 units[(merge.name, shard)] = Unit(
                     merge=merge.name, shard=shard, modules=modules, directory=f"{SHARD_DIR}/{merge.name}",
-                    fingerprint=_fingerprint(merge, modules, identities[adapters]))
+                    fingerprint=_fingerprint(merge, modules, identities[adapters], analyze_of(job, merge)))
             tasks.append(Task(group=group, shard=shard, adapters=adapters, modules=modules,
                               merges=tuple(m.name for m in merges)))
     by_merge: dict[str, list[Unit]] = {}
@@ -149,7 +149,8 @@ def work_of(job: JobSpec, plan: Plan, task: Task, merges: Sequence[str]) -> Shar
     """What a worker gets for ``task``, restricted to ``merges`` (those still to do)."""
     units = [plan.units[(m, task.shard)] for m in merges]
     targets = tuple(Target(merge=u.merge, options=job.merge(u.merge).options, out_dtype=job.merge(u.merge).out_dtype,
-                           directory=str(job.output_dir / u.directory), fingerprint=u.fingerprint) for u in units)
+                           directory=str(job.output_dir / u.directory), fingerprint=u.fingerprint,
+                           analyze=analyze_of(job, job.merge(u.merge))) for u in units)
     return ShardWork(shard=task.shard, adapters=task.adapters, modules=task.modules, targets=targets,
                      bases_dir=str(job.output_dir / SHARD_DIR / BASES_DIR / task.group),
                      inputs=plan.inputs[task.adapters])
@@ -173,8 +174,17 @@ def _adapter_identity(inputs: Sequence[InputVersion]) -> list[dict[str, str]]:
     return [{"config": i.config_sha256, "weights": i.weights_sha256} for i in inputs]
 
 
-def _fingerprint(merge: MergeSpec, modules: Sequence[str], identity: list[dict[str, object]]) -> str:
+def analyze_of(job: JobSpec, merge: MergeSpec) -> float | None:
+    """The SAR energy share with which ``merge``'s shards are analysed, or None: only core-space merges
+    of a job with ``analyze`` are (the figures come from the cores their shards build)."""
+    return job.analyze if merge.options.space == "core" else None
+
+
+def _fingerprint(merge: MergeSpec, modules: Sequence[str], identity: list[dict[str, object]],
+                 analyze: float | None = None) -> str:
     options = {k: v for k, v in merge.options.describe().items() if k != "device"}
     key = {"format": SHARD_FORMAT, "options": options, "out_dtype": merge.out_dtype,
            "adapters": identity, "modules": list(modules)}
+    if analyze is not None:  # the shard file then carries its analysis: a shard done without one is redone
+        key["analyze"] = analyze
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

@@ -40,7 +40,9 @@ from typing import TypeVar
 
 import torch
 
-from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype
+from coremerge.analyze import MergeSpec as AnalysisMerge
+from coremerge.analyze import analyze_module, json_safe, task_names
+from coremerge.merge import MergeOptions, build_core_space, merge_module_of, parse_dtype, present_in
 from coremerge.errors import AdapterError
 from coremerge.peft_io import (AdapterSource, all_finite, known_sha256, read_tensors, remember_sha256,
                                safetensors_header, safetensors_index, tensor_bytes, weights_sha256, write_hashed)
@@ -60,6 +62,7 @@ class Target:
     out_dtype: str
     directory: str  # absolute directory of the merge's shard files
     fingerprint: str  # of the shard's inputs and options, written into the shard file's header
+    analyze: float | None = None  # core-space merges of a job with `analyze`: the SAR energy share
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str 
     factored = storage_plan(work, sources)
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (u, v) on the CPU, for the bases file
     errors: dict[str, str] = {}
+    analysis: dict[str, list[dict[str, object]]] = {t.merge: [] for t in work.targets if t.analyze is not None}
     spent = dict.fromkeys(merged, 0.0)  # seconds per target, shared work split evenly
     compute = {t.options.compute_dtype for t in work.targets}
     assert len(compute) == 1, "a task's merges share one adapter set and compute dtype"
@@ -209,6 +213,11 @@ def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str 
                 merged[target.merge][module] = result
             except Exception as err:  # noqa: BLE001
                 errors[target.merge] = _message(module, err)
+            if target.merge in analysis and target.merge not in errors:
+                try:  # from the cores just built and merged: no second merge
+                    analysis[target.merge] += _analyze_module(sources, module, options, target, core_space, cores)
+                except Exception as err:  # noqa: BLE001  (the job asked for it: the shard fails, and is retried)
+                    errors[target.merge] = f"analysis: {_message(module, err)}"
             spent[target.merge] += shared + time.perf_counter() - t1
         if index == 0:
             _test_hooks(hooks)
@@ -221,7 +230,9 @@ def run_shard(work: ShardWork, sources: Sequence[AdapterSource], *, device: str 
             errors.update((t.merge, message) for t in work.targets if t.merge in factored and t.merge not in errors)
 
     def write(target: Target) -> dict[str, object]:
-        return _write_target(target, work, merged, errors, spent, bases_file if target.merge in factored else None)
+        extra = {"analysis": json_safe(analysis[target.merge])} if target.merge in analysis else {}
+        return _write_target(target, work, merged, errors, spent, bases_file if target.merge in factored else None,
+                             extra)
 
     if len(work.targets) == 1:
         records = [write(work.targets[0])]
@@ -250,15 +261,28 @@ def _small_factors_on_cpu(result: FactoredLowRank, module: str,
     return small
 
 
+def _analyze_module(sources: Sequence[AdapterSource], module: str, options: MergeOptions, target: Target,
+                    core_space: object, cores: dict[tuple, torch.Tensor | None]) -> list[dict[str, object]]:
+    """``coremerge analyze``'s rows of one module of a core-space merge, from the shard's core space and the
+    merged core cached in ``cores``."""
+    present = present_in(sources, module)
+    names = task_names(sources)
+    spec = AnalysisMerge(label=target.merge, options=options)
+    return analyze_module(module, core_space, [names[i] for i in present], [spec],
+                          {target.merge: [options.weights[i] for i in present]}, sar_energy=target.analyze,
+                          cores=cores)
+
+
 def _write_target(target: Target, work: ShardWork, merged: Mapping[str, Mapping[str, LowRank | FactoredLowRank]],
                   errors: Mapping[str, str], spent: Mapping[str, float],
-                  bases_file: tuple[Path, str] | None) -> dict[str, object]:
-    """Write ``target``'s shard file (unless its merge failed); its record."""
+                  bases_file: tuple[Path, str] | None, extra: Mapping[str, object] | None = None) -> dict[str, object]:
+    """Write ``target``'s shard file (unless its merge failed); its record. ``extra`` goes into the
+    shard file's header (the analysis rows of ``analyze: true``)."""
     started = time.perf_counter()
     record: dict[str, object] = {"merge": target.merge, "shard": work.shard, "status": "failed",
                                  "error": errors.get(target.merge), "sha256": None, "bytes": None}
     if target.merge not in errors:
-        meta = {"merge": target.merge, "shard": work.shard, "fingerprint": target.fingerprint}
+        meta = {"merge": target.merge, "shard": work.shard, "fingerprint": target.fingerprint, **(extra or {})}
         try:
             path, sha, size = write_shard(target.directory, work.shard, merged[target.merge], meta=meta,
                                           bases_file=bases_file)

@@ -217,6 +217,14 @@ BAD_FILES = [
      "job.yaml: stall_timeout_s: expected a number > 0, got 'soon'"),
     ("output_dir: out\nsweeps: [{name: s, adapters: [adapters/snli], alpha: [0.5, 1, 0.5]}]\n",
      "job.yaml: sweeps[0].alpha: 0.5 is listed twice"),
+    ("output_dir: out\nanalyze: 3\nmerges: [{name: a, adapters: [adapters/snli]}]\n",
+     "job.yaml: analyze: expected true, false or a mapping {sar_energy: 0.95}; got int 3"),
+    ("output_dir: out\nanalyze: {sar_energy: 1.5}\nmerges: [{name: a, adapters: [adapters/snli]}]\n",
+     "job.yaml: analyze.sar_energy: expected a share in (0, 1], got 1.5"),
+    ("output_dir: out\nanalyze: {energy: 0.9}\nmerges: [{name: a, adapters: [adapters/snli]}]\n",
+     "job.yaml: analyze.energy: unknown key 'energy'; expected one of: sar_energy"),
+    ("output_dir: out\nmerges: [{name: report, adapters: [adapters/snli]}]\n",
+     "job.yaml: merges[0].name: merge name 'report' is reserved"),
 ]
 
 
@@ -227,6 +235,14 @@ def test_a_bad_job_file_is_one_line(tmp_path, adapters, monkeypatch, text, expec
     with pytest.raises(JobSpecError) as info:
         load_job(Path("job.yaml"))
     assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_analyze_defaults_off_and_is_read(tmp_path, adapters):
+    text = "output_dir: out\nmerges: [{name: a, adapters: [adapters/snli]}]\n"
+    assert load_job(write_job(tmp_path / "job.yaml", text))[0].analyze is None
+    assert load_job(write_job(tmp_path / "job.yaml", text + "analyze: false\n"))[0].analyze is None
+    assert load_job(write_job(tmp_path / "job.yaml", text + "analyze: true\n"))[0].analyze == 0.95
+    assert load_job(write_job(tmp_path / "job.yaml", text + "analyze: {sar_energy: 1}\n"))[0].analyze == 1.0
 
 
 def test_timeouts_default_and_are_read(tmp_path, adapters):
