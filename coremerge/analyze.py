@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from coremerge import methods, peft_io
-from coremerge.linalg import thin_svd
+from coremerge.linalg import one_thread_if_small, rank_tolerance, svd, thin_svd
 from coremerge.merge import MergeOptions, dtype_name, merged_core_of, open_all, present_in
 from coremerge.paths import check_output_not_input
 from coremerge.spaces import CoreSpace, module_generator
@@ -103,14 +103,16 @@ def alignment(directions: Tensor, tasks: Tensor) -> list[float]:
     return [float(p / n) if n > 0 else math.nan for p, n in zip(projected, norms)]
 
 
-def overlaps(tasks: Tensor) -> tuple[Tensor, Tensor]:
+def overlaps(tasks: Tensor, columns: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(cosine, subspace overlap), each (T, T), of the tasks (T, p, q); see the module's doc.
+    ``columns``: orthonormal columns spanning each task's column space, if the caller has them.
     Rows and columns of a zero task are NaN."""
     num = tasks.shape[0]
     flat = tasks.reshape(num, -1)  # (T, p q)
     norms = flat.norm(dim=1)  # (T,)
     cosine = (flat @ flat.T) / (norms[:, None] * norms[None, :])  # (T, T); 0/0 -> NaN for zero tasks
-    columns = [thin_svd(t)[0] for t in tasks]  # each (p, r_t): orthonormal columns spanning col(X_t)
+    if columns is None:
+        columns = [thin_svd(t)[0] for t in tasks]  # each (p, r_t): orthonormal columns spanning col(X_t)
     subspace = torch.full((num, num), math.nan, dtype=tasks.dtype)
     for s in range(num):
         for t in range(num):
@@ -174,9 +176,21 @@ def analyze_module(module: str, space: CoreSpace, task_names: Sequence[str], mer
     updates, adds the full-space columns (the same method merged in full space). ``cores`` is a sweep's
     cache of merged cores (:func:`coremerge.merge.merged_core_of`): a core merged already is not merged
     again."""
+    with one_thread_if_small(*space.cores.shape[1:]):  # k x k work: threads would only wait on each other
+        return _analyze_module(module, space, task_names, merges, weights, sar_energy, deltas, cores)
+
+
+def _analyze_module(module: str, space: CoreSpace, task_names: Sequence[str], merges: Sequence[MergeSpec],
+                    weights: Mapping[str, Sequence[float]], sar_energy: float, deltas: Tensor | None,
+                    cores: dict[tuple, Tensor | None] | None) -> list[dict[str, object]]:
     tasks = space.cores.to(torch.float64)  # (T, ku, kv)
-    task_spectra = [torch.linalg.svdvals(c)[:rank] for c, rank in zip(tasks, space.ranks)]
-    cosine, subspace = overlaps(tasks)
+    left, sv, _ = svd(tasks)  # one batched SVD: (T, ku, d), (T, d)
+    task_spectra, columns = [], []
+    for t, rank in enumerate(space.ranks):  # a task's core has its adapter's rank at most
+        kept = min(rank, int((sv[t] > rank_tolerance(sv[t], tuple(tasks.shape[1:]))).sum()))
+        task_spectra.append(sv[t, :rank])
+        columns.append(left[t, :, :kept])
+    cosine, subspace = overlaps(tasks, columns)
     layer, kind = layer_and_kind(module)
     m, n = space.basis.u.shape[0], space.basis.v.shape[1]
     k = sum(space.ranks)
@@ -520,12 +534,14 @@ def write_plots(analysis: Analysis, directory: Path) -> None:
     layers = sorted({row["layer"] for row in analysis.rows}, key=lambda x: (x is None, x if x is not None else 0))
     fig, axes = plt.subplots(len(labels), 1, figsize=(max(6.0, 0.3 * len(layers) + 3), 1.2 + 0.4 * len(kinds) * len(labels)),
                              squeeze=False)
+    cells: dict[tuple, list[float]] = {}
+    for r in analysis.rows:
+        cells.setdefault((r["merge"], r["kind"], r["layer"]), []).append(r["sar"])
     for ax, label in zip(axes[:, 0], labels):
         grid = torch.full((len(kinds), len(layers)), math.nan, dtype=torch.float64)
         for i, kind in enumerate(kinds):
             for j, layer in enumerate(layers):
-                value = _mean([r["sar"] for r in analysis.rows
-                               if r["merge"] == label and r["kind"] == kind and r["layer"] == layer])
+                value = _mean(cells.get((label, kind, layer), []))
                 if value is not None:
                     grid[i, j] = value
         image = ax.imshow(grid.numpy(), aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis")
