@@ -210,10 +210,13 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, allow_nan=False))
         return 0
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for entry in summary["methods"]:
         full = entry["mean_sar"]["full"]
-        print(f"{entry['merge']}: mean SAR {entry['mean_sar']['core']:.3f} (core)"
-              + (f", {full:.3f} (full)" if full is not None else "")
+        print(f"{entry['merge']}: mean SAR {shown(entry['mean_sar']['core'])} (core)"
+              + (f", {shown(full)} (full)" if summary["full_space"] else "")
               + "; --rank for 90/95/99% energy in every module: "
               + "/".join(str(entry["rank_for_energy"][p]) for p in ("90", "95", "99")))
     print(f"analysed {summary['modules']} modules of {len(sources)} adapters in {summary['seconds']:.1f} s")
