@@ -181,10 +181,29 @@ def _energy(s: Tensor, q: int) -> float:
     return 1.0 if total == 0.0 else float((s[:q] * s[:q]).sum()) / total
 
 
+def rank_for_energy(s: Tensor, share: float) -> int:
+    """The fewest leading singular values of ``s`` whose squares hold ``share`` of the total: the
+    smallest rank q whose best rank-q approximation keeps that share of ‖·‖²_F (0 for a zero matrix).
+
+    ``s`` need not be sorted (a copy is). Computed in float64.
+
+    Example:
+        >>> rank_for_energy(torch.tensor([1.0, 3.0, 0.0]), 0.9)   # 9 of 10 in the largest
+        1
+    """
+    e = s.to(torch.float64).sort(descending=True).values ** 2  # (d,)
+    total = float(e.sum())
+    if total == 0.0:
+        return 0
+    short = int((torch.cumsum(e, 0) < share * total * (1 - 1e-12)).sum())  # prefixes that fall short
+    return min(short + 1, int((e > 0).sum()))
+
+
 def factor_dense(delta: Tensor, rank: int | None) -> LowRank:
     """LoRA factors of a dense update (m, n) by its SVD: the full-space baseline's last step.
 
-    Keeps the numerical rank, or ``rank`` components when given (best rank-q approximation).
+    Keeps the numerical rank, or ``rank`` components when given (best rank-q approximation):
+    ``b = u_q s_q``, ``a = v_qᵀ``, so the singular values stay readable as b's column norms.
     """
     u, s, vh = thin_svd(delta)  # (m, d), (d,), (d, n)
     q = s.shape[0] if rank is None else min(rank, s.shape[0])

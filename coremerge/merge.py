@@ -21,7 +21,8 @@ from torch import Tensor
 
 from coremerge import methods, peft_io
 from coremerge.paths import check_output_not_input
-from coremerge.spaces import CoreSpace, check_space, merge_module, module_generator
+from coremerge.linalg import rank_for_energy
+from coremerge.spaces import CoreSpace, check_space, merge_module, module_generator, written_spectrum
 from coremerge.types import FactoredLowRank, LowRank, StoredLowRank
 
 log = logging.getLogger(__name__)
@@ -194,12 +195,72 @@ def open_all(specs: Sequence[str | Path]) -> list[peft_io.AdapterSource]:
     return sources
 
 
+FACTOR_ENERGY = 0.99  # the share of a module's energy the oversize figures' --rank keeps
+
+
+def oversized_factors(merged: Mapping[str, LowRank | StoredLowRank], *, space: str, truncated: bool,
+                      dtype: torch.dtype) -> dict[str, object]:
+    """The merged modules whose LoRA factors take more bytes than their dense update would.
+
+    A module of rank q writes q (m + n) values, its dense update m n: a full-space merge has a rank
+    up to min(m, n) (TIES, DARE, Iso-CTS and the literal methods fill the spectrum there), a
+    core-space merge rank k = Σ r_t, more than m n / (m + n) when many adapters meet a small module.
+    Returns how many such modules there are, their ``factor_bytes`` as written in ``dtype`` and their
+    ``dense_bytes``, and ``rank_for_99pct_energy``: the smallest ``--rank`` whose truncation keeps at
+    least 99% of the squared Frobenius norm of every one of them (None when there are none), from
+    the singular values the factors carry (:func:`coremerge.spaces.written_spectrum`: no m x n matrix,
+    no second m x n SVD).
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    over = [lr for lr in merged.values()
+            if lr.rank * (lr.out_features + lr.in_features) > lr.out_features * lr.in_features]
+    rank = 0
+    for lr in over:
+        s = written_spectrum(lr.load().to(dtype=dtype), space=space, truncated=truncated)  # (q,), as written
+        rank = max(rank, rank_for_energy(s, FACTOR_ENERGY))
+    return {
+        "modules": len(over),
+        "factor_bytes": sum(lr.rank * (lr.out_features + lr.in_features) for lr in over) * itemsize,
+        "dense_bytes": sum(lr.out_features * lr.in_features for lr in over) * itemsize,
+        "rank_for_99pct_energy": max(1, rank) if over else None,
+    }
+
+
+def oversize_warning(figures: Mapping[str, object], num_modules: int) -> str | None:
+    """One line for the user from :func:`oversized_factors`' figures; None when no module is oversized.
+
+    Example:
+        >>> oversize_warning({"modules": 2, "factor_bytes": 17_400_000, "dense_bytes": 12_700_000,
+        ...                   "rank_for_99pct_energy": 31}, 4)  # doctest: +ELLIPSIS
+        '2 of 4 merged modules are written as LoRA factors larger than their dense update: 17.4 MB ...'
+    """
+    if not figures["modules"]:
+        return None
+    return (f"{figures['modules']} of {num_modules} merged modules are written as LoRA factors larger than their "
+            f"dense update: {_size(figures['factor_bytes'])} of factors where the dense updates take "
+            f"{_size(figures['dense_bytes'])}; --rank {figures['rank_for_99pct_energy']} keeps 99% of the energy "
+            f"of each of them (merge_report.json: factors_larger_than_dense)")
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
+
+
 def build_report(sources: Sequence[peft_io.AdapterSource], options: MergeOptions,
                  merged: Mapping[str, LowRank | StoredLowRank], *, out_dtype: torch.dtype,
-                 timings: Mapping[str, float]) -> dict[str, object]:
-    """merge_report.json: what went in, how it was merged, what came out."""
+                 timings: Mapping[str, float], oversize: Mapping[str, object] | None = None) -> dict[str, object]:
+    """merge_report.json: what went in, how it was merged, what came out.
+
+    ``oversize``: :func:`oversized_factors` of ``merged``, when the caller has computed it already.
+    """
     from coremerge import __version__
 
+    if oversize is None:
+        oversize = oversized_factors(merged, space=options.space, truncated=options.rank is not None,
+                                     dtype=out_dtype)
     return {
         "coremerge_version": __version__,
         "inputs": [
@@ -215,21 +276,24 @@ def build_report(sources: Sequence[peft_io.AdapterSource], options: MergeOptions
                    **({"energy_kept": lr.energy_kept} if lr.energy_kept is not None else {})}
             for name, lr in sorted(merged.items())
         },
+        "factors_larger_than_dense": dict(oversize),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
 
 
 def finish(out_dir: str | Path, sources: Sequence[peft_io.AdapterSource], options: MergeOptions,
            merged: Mapping[str, LowRank | StoredLowRank], *, out_dtype: torch.dtype, timings: Mapping[str, float],
-           force: bool = False, owned: Callable[[Path], bool] | None = None, staging: Path | None = None) -> Path:
+           force: bool = False, owned: Callable[[Path], bool] | None = None, staging: Path | None = None,
+           oversize: Mapping[str, object] | None = None) -> Path:
     """Write the merged adapter directory (atomically) with its config and report.
 
     ``force``, ``owned`` and ``staging`` go to :func:`coremerge.peft_io.write_adapter`: which existing
     directory may be replaced, and a temp directory made beforehand by ``reserve_output``.
+    ``oversize`` goes to :func:`build_report`.
     """
     config = peft_io.adapter_config_for(sources, {name: lr.rank for name, lr in merged.items()})
     started = time.perf_counter()
-    report = build_report(sources, options, merged, out_dtype=out_dtype, timings=timings)
+    report = build_report(sources, options, merged, out_dtype=out_dtype, timings=timings, oversize=oversize)
     timings = {**timings, "write": time.perf_counter() - started}
     report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
     return peft_io.write_adapter(out_dir, merged, config=config, report=report, dtype=out_dtype, force=force,
@@ -247,6 +311,8 @@ def merge_to_dir(specs: Sequence[str | Path], out_dir: str | Path, options: Merg
     and must be writable (its temp directory is made before the merge is computed). Leftovers of
     writers of ``out_dir`` that died on this host are removed first. Nothing is written unless the
     whole merge succeeded. ``on_module`` is called after each merged module (progress bars).
+    When some modules' factors are larger than their dense updates would be, one warning says how
+    many, their bytes, and the ``--rank`` that keeps 99% of their energy (:func:`oversized_factors`).
 
     Example:
         >>> merge_to_dir(["a/", "b/"], "merged/", MergeOptions(method="tsv", alpha=0.9))  # doctest: +SKIP
@@ -269,8 +335,14 @@ def merge_to_dir(specs: Sequence[str | Path], out_dir: str | Path, options: Merg
                 on_module(module)
         t2 = time.perf_counter()
         log.info("merged %d modules of %d adapters in %.2f s", len(merged), len(sources), t2 - t1)
-        return finish(out_dir, sources, options, merged, out_dtype=out_dtype,
-                      timings={"open": t1 - t0, "merge": t2 - t1}, force=force, staging=staging)
+        oversize = oversized_factors(merged, space=options.space, truncated=options.rank is not None,
+                                     dtype=out_dtype)
+        out = finish(out_dir, sources, options, merged, out_dtype=out_dtype,
+                     timings={"open": t1 - t0, "merge": t2 - t1}, force=force, staging=staging, oversize=oversize)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    warning = oversize_warning(oversize, len(merged))
+    if warning is not None:
+        log.warning(warning)
+    return out

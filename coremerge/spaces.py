@@ -22,7 +22,7 @@ from torch import Tensor
 
 from coremerge import methods
 from coremerge.basis import Basis, reference_basis
-from coremerge.linalg import factor_between, factor_core, factor_dense, thin_svd
+from coremerge.linalg import factor_between, factor_core, factor_dense, one_thread_if_small, thin_svd
 from coremerge.methods._common import check_finite
 from coremerge.project import project
 from coremerge.types import FactoredLowRank, LoraFactors, LowRank
@@ -149,6 +149,33 @@ def _merge_knots(deltas: Tensor, factors: Sequence[LoraFactors], *, method: str,
                            task_ranks=tuple(f.rank for f in factors), generator=generator)  # (d, n)
     # ΔW = u · (diag(s) f); u is orthonormal, so truncation needs only the SVD of the (d, n) right side.
     return factor_between(u, s[:, None] * merged, None, rank)
+
+
+def written_spectrum(merged: LowRank, *, space: str, truncated: bool) -> Tensor:
+    """The singular values of ``merged.delta()`` (descending, float64), read off the LoRA factors a
+    merge in ``space`` returns (:func:`merge_module`, :meth:`CoreSpace.lowrank`), never forming it.
+
+    - ``full``, or any space with a ``rank`` truncation (``truncated``): the factors are an SVD's,
+      ``b = u_q s_q`` and ``a = v_qᵀ``, so the singular values are b's column norms: no decomposition.
+    - ``core``: ``a = V`` has orthonormal rows, ``b = U M``: they are b's (those of M), from the
+      eigenvalues of its (k, k) Gram matrix.
+    - ``knots``: ``b = u`` has orthonormal columns, ``a = diag(s) f``: they are a's, from its (d, d) Gram.
+
+    Example:
+        >>> fs = [LoraFactors(a=torch.randn(2, 9), b=torch.randn(7, 2)) for _ in range(3)]
+        >>> s = written_spectrum(merge_module(fs, method="ta", space="core"), space="core", truncated=False)
+        >>> torch.allclose(s, torch.linalg.svdvals(sum(f.delta() for f in fs)).double()[:6], atol=1e-4)
+        True
+    """
+    check_space(space)
+    b, a = merged.b.to(torch.float64), merged.a.to(torch.float64)  # (m, q), (q, n)
+    if space == "full" or truncated:
+        s = b.norm(dim=0)  # (q,)
+    else:
+        x = b if space == "core" else a.T  # the factor that is not an isometry, as (·, q)
+        with one_thread_if_small(x.shape[1], x.shape[1]):
+            s = torch.linalg.eigvalsh(x.T @ x).clamp_min(0).sqrt()  # (q,)
+    return s.sort(descending=True).values  # (q,)
 
 
 def _weighted(tasks: Tensor, weights: Sequence[float]) -> Tensor:

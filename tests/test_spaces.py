@@ -198,6 +198,15 @@ def test_tsv_keeps_each_adapters_rank_in_core_space():
     assert merged.rank == 8
 
 
+def test_tsv_core_equals_full_when_every_rank_fits_its_share():
+    # Full-space TSV keeps min(m, n) // T = 20 // 3 = 6 components of each task, capped at its non-zero
+    # spectrum: ranks 3, 5, 4 fit, so it keeps what core space keeps (r_t each), in the same spaces.
+    fs = random_factors([3, 5, 4])
+    core = merge_module(fs, method="tsv", space="core", alpha=0.9)
+    full = merge_module(fs, method="tsv", space="full", alpha=0.9)
+    torch.testing.assert_close(core.delta(), full.delta(), rtol=0, atol=1e-10)
+
+
 def test_sign_flips_of_the_basis_change_nothing():
     fs = random_factors([3, 4, 2])
     basis = reference_basis(fs)
@@ -243,6 +252,59 @@ def test_truncation_in_baseline_spaces(space):
     cut = merge_module(fs, method="ta", space=space, rank=3)
     u, s, vh = torch.linalg.svd(dense(fs).sum(0))
     torch.testing.assert_close(cut.delta(), (u[:, :3] * s[:3]) @ vh[:3], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("space", ["core", "full", "knots"])
+@pytest.mark.parametrize("rank", [None, 5])
+def test_written_spectrum_is_the_dense_updates(space, rank):
+    # What the oversize report reads (coremerge.merge.oversized_factors): the singular values of the
+    # written update, from the factors each space writes, against a dense SVD.
+    from coremerge.spaces import written_spectrum
+
+    fs = random_factors([3, 5, 4])
+    for method in ("ta", "ties", "tsv", "iso_cts"):
+        merged = merge_module(fs, method=method, space=space, rank=rank)
+        s = written_spectrum(merged, space=space, truncated=rank is not None)
+        want = torch.linalg.svdvals(merged.delta())  # (min(m, n),)
+        assert s.shape == (merged.rank,)
+        torch.testing.assert_close(s, want[:merged.rank], rtol=0, atol=1e-12 * float(want[0]), msg=method)
+        assert not want[merged.rank:].any() or float(want[merged.rank:].max()) < 1e-10 * float(want[0])
+
+
+def test_weights_scale_the_tasks_before_ties_and_its_mean_divides_by_the_count():
+    # coremerge's rule (PAPER.md): w_t multiplies task t before the method; TIES' disjoint mean then
+    # divides by the number of agreeing entries. mergekit's TIES divides by the sum of their weights
+    # (a weighted mean): both computed here from the dense updates, in float64.
+    fs = random_factors([3, 3, 3, 3])
+    w = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=F64)
+    flat = dense(fs).reshape(4, -1)  # (T, m n)
+    k = int(0.7 * flat.shape[1]) + 1
+    kept = flat.abs() >= flat.abs().sort(dim=1, descending=True).values[:, k - 1:k]  # (T, m n): top k
+    weighted = w[:, None] * flat
+    elected_positive = (weighted * kept).sum(0) >= 0
+    agree = kept & ((weighted > 0) == elected_positive)
+    total = (weighted * agree).sum(0)  # (m n,)
+    by_count = total / agree.sum(0).clamp(min=1)
+    weight_sum = (w[:, None] * agree).sum(0)
+    by_weight = total / torch.where(weight_sum == 0, 1.0, weight_sum)  # mergekit 0.1.x, normalize: true
+    got = merge_module(fs, method="ties", space="full", weights=w.tolist(), params={"density": 0.7})
+    torch.testing.assert_close(got.delta().reshape(-1), by_count, rtol=0, atol=1e-10)
+    assert float((by_count - by_weight).norm() / by_weight.norm()) > 0.3  # README: the two rules differ a lot
+    # weights scale the merge here (as for ta); under mergekit's rule 2 x every weight changes nothing
+    twice = merge_module(fs, method="ties", space="full", weights=[2.0] * 4, params={"density": 0.7})
+    once = merge_module(fs, method="ties", space="full", weights=[1.0] * 4, params={"density": 0.7})
+    torch.testing.assert_close(twice.delta(), 2 * once.delta(), rtol=0, atol=1e-10)
+
+
+def test_cart_differs_between_spaces_only_by_the_rank_its_fraction_gives():
+    # CART is rotation-equivariant, so core-space and full-space CART differ only because density is
+    # a fraction of min(p, q): k = 12 in core space, min(24, 20) = 20 in full space.
+    fs = random_factors([3, 5, 4])
+    core = merge_module(fs, method="cart", space="core", params={"density": 0.5})  # rank ceil(6.0) = 6
+    full = merge_module(fs, method="cart", space="full", params={"density": 0.3})  # rank ceil(6.0) = 6
+    torch.testing.assert_close(core.delta(), full.delta(), rtol=0, atol=1e-10)
+    same_density = merge_module(fs, method="cart", space="full", params={"density": 0.5})  # rank 10
+    assert float((same_density.delta() - core.delta()).norm() / core.delta().norm()) > 1e-3
 
 
 def test_factor_dense_keeps_the_numerical_rank():

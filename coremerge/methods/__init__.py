@@ -32,6 +32,7 @@ _PLUMBING = frozenset({"alpha", "generator", "task_ranks"})
 # How each user-facing hyper-parameter is checked (and normalised to float).
 _CHECKS: Mapping[str, Callable[[object], float]] = MappingProxyType({
     "density": check_density,
+    "ties_density": lambda value: check_density(value, "ties_density"),
     "common_fraction": check_common_fraction,
     "lam": lambda value: check_finite(value, "lam"),
 })
@@ -81,6 +82,10 @@ METHODS: Mapping[str, Method] = _registry(
     ("iso_c", iso.merge_c),
     ("iso_cts", iso.merge_cts),
     ("cart", cart.merge),
+    # the Core Space paper's code's literal versions, null-space directions included: only to
+    # reproduce its full-space baselines (README, "Where coremerge differs from the reference code")
+    ("tsv_literal", tsv.merge_literal),
+    ("iso_c_literal", iso.merge_c_literal),
 )
 
 

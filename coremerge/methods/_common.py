@@ -115,18 +115,32 @@ def low_rank(x: Tensor, rank: int) -> Tensor:
 
 
 def keep_count(density: float, size: int) -> int:
-    """How many entries a top-``density`` mask keeps out of ``size``: round(density * size), at least 1."""
-    return max(1, min(size, round(density * size)))
+    """How many entries a top-``density`` mask keeps out of ``size``: ``min(size, int(density * size) + 1)``.
+
+    The count of the TIES paper's code and of the Core Space paper's code (``topk_values_mask``:
+    the entries at or above the ``(size - int(density * size))``-th smallest magnitude), so that a
+    TIES merge here reproduces theirs; density 1 keeps all ``size``. PEFT and mergekit keep
+    ``int(density * size)``: one entry fewer (README, "Where coremerge differs from the reference code").
+    ``density * size`` is computed in floating point as theirs is (0.29 * 100 = 28.999...: 29 kept).
+
+    Example:
+        >>> keep_count(0.5, 4), keep_count(0.7, 10), keep_count(1.0, 10)
+        (3, 8, 10)
+    """
+    return min(size, int(density * size) + 1)
 
 
 def topk_mask(tasks: Tensor, density: float) -> Tensor:
     """Per task, the entries of largest magnitude: keep_count(density, p * q) of them.
 
-    An entry is kept when its magnitude reaches the task's k-th largest (so exact ties at the
-    threshold are all kept, as in the TIES reference code) and it is not exactly zero.
+    An entry is kept when its magnitude reaches the task's k-th largest, so exact ties at the
+    threshold are all kept (as ``magnitude >= kth`` keeps them in the TIES and Core Space papers'
+    code), and it is not exactly zero (a zero never joins the sign election or the mean, there either).
     """
     num_tasks, p, q = tasks.shape
     k = keep_count(density, p * q)
+    if k == p * q:
+        return tasks != 0  # (T, p, q): every non-zero entry
     mags = tasks.abs().reshape(num_tasks, p * q)  # (T, p q)
     kth = torch.kthvalue(mags, p * q - k + 1, dim=1, keepdim=True).values  # (T, 1): k-th largest
     keep = (mags >= kth) & (mags > 0)  # (T, p q)

@@ -36,6 +36,29 @@ def merge_c(tasks: Tensor, *, alpha: float = 1.0) -> Tensor:
     return alpha * ((u * flat) @ vh)  # (p, q)
 
 
+def merge_c_literal(tasks: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """Iso-C as the Core Space paper's code computes it (``isotropize_matrix``): every one of the
+    min(p, q) singular values of the task-arithmetic sum, zeros included, replaced by their mean.
+
+    For the paper's full-space Iso-C baseline only: on a sum of LoRA updates (rank k < min(p, q))
+    it spreads the spectrum over min(p, q) - k directions the SVD picks arbitrarily (the singular
+    vectors of rounding noise), which then hold (min(p, q) - k) / min(p, q) of the update's energy
+    and depend on the LAPACK build and the compute dtype. :func:`merge_c` flattens only the non-zero
+    spectrum; on a full-rank sum (a core matrix, usually) the two are the same.
+
+    Example:
+        >>> merge_c_literal(torch.diag(torch.tensor([3.0, 1.0, 2.0]))[None])
+        tensor([[2., 0., 0.],
+                [0., 2., 0.],
+                [0., 0., 2.]])
+    """
+    _, p, q = check_tasks(tasks, "iso_c_literal")
+    check_finite(alpha, "alpha")
+    u, s, vh = svd(tasks.sum(0))  # (p, d), (d,), (d, q)
+    # Σ_t τ_t = U S Vᵀ;  τ = α U (mean_i s_i) Vᵀ over all d = min(p, q) singular values
+    return alpha * ((u * s.mean()) @ vh)  # (p, q)
+
+
 def split_sizes(d: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
     """(common size c, per-task size s) with c + s * T = d, as the Iso-CTS reference code computes them.
 

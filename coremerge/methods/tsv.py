@@ -49,3 +49,34 @@ def merge(tasks: Tensor, *, alpha: float = 1.0, task_ranks: Sequence[int] | None
     u_orth = polar(u_cat)  # (p, C)
     v_orth = polar(v_cat)  # (q, C)
     return alpha * ((u_orth * s_cat) @ v_orth.T)  # (p, q)
+
+
+def merge_literal(tasks: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """TSV as the Core Space paper's code computes it (``get_tsv_delta_w``): every task keeps its
+    top int(min(p, q) / T) singular components, whatever its rank.
+
+    For the paper's full-space TSV baseline (and its core-space TSV of adapters of unequal ranks)
+    only: a task of rank r_t below that count brings components of singular value ~0 whose
+    directions the SVD picks arbitrarily (the singular vectors of rounding noise). They add nothing
+    themselves, but they enter the polar factors and rotate every other task's directions, so the
+    result depends on the LAPACK build and the compute dtype. :func:`merge` keeps each task's own
+    non-zero spectrum instead. Every task zero, or T > min(p, q) (no component each) -> zeros.
+
+    Example:
+        >>> x = torch.diag(torch.tensor([3.0, 2.0, 0.0]))
+        >>> merge_literal(x[None])   # one task keeps all 3 components: itself
+        tensor([[3., 0., 0.],
+                [0., 2., 0.],
+                [0., 0., 0.]])
+    """
+    num_tasks, p, q = check_tasks(tasks, "tsv_literal")
+    check_finite(alpha, "alpha")
+    c = int(min(p, q) * (1 / num_tasks))  # the reference's int(s.shape[0] * sv_reduction)
+    if c == 0:
+        return torch.zeros_like(tasks[0])  # (p, q)
+    u, s, vh = svd(tasks)  # (T, p, d), (T, d), (T, d, q)
+    u_cat = torch.cat(list(u[:, :, :c].unbind(0)), dim=1)  # (p, T c)
+    s_cat = s[:, :c].reshape(-1)  # (T c,)
+    v_cat = torch.cat([vh[t, :c].T for t in range(num_tasks)], dim=1)  # (q, T c)
+    # τ = α polar([U_1 … U_T]) diag([s_1 … s_T]) polar([V_1 … V_T])ᵀ, c components each
+    return alpha * ((polar(u_cat) * s_cat) @ polar(v_cat).T)  # (p, q)

@@ -1,4 +1,5 @@
-"""CART against a literal numpy float64 implementation, plus its identities."""
+"""CART against a literal numpy float64 implementation and the Core Space paper's code (its rank
+rule and defaults), plus its identities."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from coremerge.methods import cart
+
+import reference_code  # tests/methods/reference_code.py: the Core Space paper's code, re-read
 
 
 def literal_cart(tasks: np.ndarray, alpha: float, rank: int, lam: float) -> np.ndarray:
@@ -22,13 +25,23 @@ def literal_cart(tasks: np.ndarray, alpha: float, rank: int, lam: float) -> np.n
     return alpha * (mean + lam * low_rank_sum)
 
 
-@pytest.mark.parametrize(("density", "rank"), [(0.04, 1), (0.4, 2), (0.6, 3), (0.5, 2), (1.0, 5)])
-@pytest.mark.parametrize("lam", [1.0, 1.7])
+@pytest.mark.parametrize(("density", "rank"), [(0.04, 1), (0.4, 2), (0.6, 3), (0.5, 3), (0.3, 2), (1.0, 5)])
+@pytest.mark.parametrize("lam", [0.1, 1.7])
 def test_matches_literal(random_tasks, density, rank, lam):
-    # rank = max(1, round(density * min(5, 7))); 0.5 * 5 = 2.5 rounds half to even: 2
+    # rank = ceil(density * min(5, 7)): 0.04 * 5 = 0.2 -> 1, 0.5 * 5 = 2.5 -> 3, 0.3 * 5 = 1.5 -> 2
     x = random_tasks()
     expected = torch.from_numpy(literal_cart(x.numpy(), 0.7, rank, lam))
     torch.testing.assert_close(cart.merge(x, alpha=0.7, density=density, lam=lam), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("num_tasks", "k"), [(4, 32), (8, 80), (3, 10)])
+def test_defaults_are_the_reference_codes(num_tasks, k):
+    # A core-space sized stack (k x k cores): the defaults give the reference code's default merge.
+    x = torch.randn(num_tasks, k, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    want = reference_code.cart(x)  # its defaults: rank fraction 0.04, lambda 0.1
+    torch.testing.assert_close(cart.merge(x), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cart.merge(x, alpha=0.3, density=0.16, lam=2.0),
+                               0.3 * reference_code.cart(x, 0.16, 2.0), rtol=0, atol=1e-12)
 
 
 def test_one_task_is_itself(random_tasks):

@@ -33,15 +33,21 @@ def test_rank_tolerance_separates_float_noise_from_signal():
     assert _common.rank_tolerance(torch.zeros(0), (3, 4)) == 0.0
 
 
-@pytest.mark.parametrize(("density", "size", "expected"), [(0.7, 35, 24), (0.04, 35, 1), (1.0, 35, 35),
-                                                           (0.5, 5, 2), (0.001, 10, 1)])
-def test_keep_count(density, size, expected):
+@pytest.mark.parametrize(("density", "size", "expected"), [
+    (0.7, 35, 25), (0.04, 35, 2), (1.0, 35, 35), (0.5, 5, 3), (0.5, 4, 3), (0.001, 10, 1), (0.999, 10, 10),
+    (0.29, 100, 29),  # 0.29 * 100 = 28.999999999999996 in floating point, as in the reference code
+    (0.3, 100, 31),   # an exact product still keeps one more than the fraction
+])
+def test_keep_count_is_the_reference_codes(density, size, expected):
+    # int(density * size) + 1, at most size: the count of topk_values_mask in the TIES and Core Space
+    # papers' code (it keeps the entries at or above the (size - int(density * size))-th smallest).
     assert _common.keep_count(density, size) == expected
+    assert expected == min(size, int(density * size) + 1)
 
 
 def test_topk_mask_never_keeps_zeros():
     x = torch.tensor([[[0.0, 0.0, 3.0, 0.0]], [[1.0, -2.0, 0.0, 0.5]]], dtype=torch.float64)
-    mask = _common.topk_mask(x, 0.75)  # k = 3 per task
+    mask = _common.topk_mask(x, 0.5)  # k = int(0.5 * 4) + 1 = 3 per task
     assert mask.tolist() == [[[False, False, True, False]], [[True, True, False, True]]]
 
 

@@ -1,5 +1,6 @@
 """DARE and DARE-TIES against literal implementations that draw the masks by the documented
-convention (one CPU float32 torch.rand((p, q)) per task, task 0 first), plus reproducibility."""
+convention (one CPU float32 torch.rand((p, q)) per task, task 0 first), DARE-TIES with a trim
+against the Core Space paper's code's dare-ties, plus reproducibility."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from coremerge.methods import dare, ta, ties
+
+import reference_code  # tests/methods/reference_code.py: the Core Space paper's code, re-read
 
 
 def literal_masks(num_tasks: int, p: int, q: int, density: float, seed: int) -> np.ndarray:
@@ -61,6 +64,28 @@ def test_dare_ties_matches_literal(random_tasks, density):
     expected = torch.from_numpy(literal_dare_ties(x.numpy(), density, 5, 0.7))
     torch.testing.assert_close(dare.merge_ties(x, alpha=0.7, density=density, generator=gen(5)), expected,
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("ties_density", [0.05, 0.3, 0.7])
+def test_dare_ties_with_a_trim_is_the_reference_codes(density, ties_density):
+    # The paper's code: get_dare_delta_w(merge=False) then _process_ties(topK): the drop (here by our
+    # mask convention; its own draws from torch's global generator) followed by the whole of TIES.
+    x = torch.randn(4, 12, 12, generator=gen(2), dtype=torch.float64)  # core-space shaped
+    dropped = torch.from_numpy(literal_drop(x.numpy(), density, 8))
+    expected = 0.7 * reference_code.ties(dropped, ties_density)
+    got = dare.merge_ties(x, alpha=0.7, density=density, ties_density=ties_density, generator=gen(8))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-14)
+
+
+def test_dare_ties_trim_at_one_trims_nothing(random_tasks):
+    x = random_tasks()
+    torch.testing.assert_close(dare.merge_ties(x, density=0.5, ties_density=1.0, generator=gen(1)),
+                               dare.merge_ties(x, density=0.5, generator=gen(1)), rtol=0, atol=0)
+    trimmed = dare.merge_ties(x, density=0.9, ties_density=0.2, generator=gen(1))
+    assert 0 < int((trimmed != 0).sum()) < int((dare.merge_ties(x, density=0.9, generator=gen(1)) != 0).sum())
+    with pytest.raises(ValueError, match="ties_density must be a number in"):
+        dare.merge_ties(x, ties_density=0.0, generator=gen(1))
 
 
 @pytest.mark.parametrize("fn", [dare.merge, dare.merge_ties])

@@ -1,5 +1,6 @@
 """Iso-C and Iso-CTS against literal numpy float64 implementations (the reference algorithm),
-plus the flat-spectrum and equivariance properties."""
+plus the flat-spectrum and equivariance properties; iso_c_literal against the Core Space paper's
+code, and where it puts the energy of a low-rank sum."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from coremerge.methods import iso
+
+import reference_code  # tests/methods/reference_code.py: the Core Space paper's code, re-read
 
 
 def literal_polar(x: np.ndarray) -> np.ndarray:
@@ -127,3 +130,36 @@ def test_keeps_dtype_and_does_not_mutate(random_tasks, fn, dtype):
 def test_iso_cts_rejects_bad_common_fraction(random_tasks, fraction):
     with pytest.raises(ValueError, match="common_fraction"):
         iso.merge_cts(random_tasks(), common_fraction=fraction)
+
+
+def low_rank_tasks(num_tasks: int, r: int, m: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g,
+                                                                                        dtype=torch.float64)
+                        for _ in range(num_tasks)])  # (T, m, n), each of rank r
+
+
+@pytest.mark.parametrize("x", [low_rank_tasks(4, 2, 24, 20, 0), low_rank_tasks(3, 4, 12, 12, 1),
+                               torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)],
+                         ids=["rank-8 sum of 24x20", "rank-12 sum of 12x12 (full)", "full rank"])
+def test_iso_c_literal_is_the_reference_codes(x):
+    # isotropize_matrix of the same summed matrix (how the sum is added up changes the rounding
+    # noise whose singular vectors fill the null space, so both get the very same sum)
+    total = x.sum(0)
+    torch.testing.assert_close(iso.merge_c_literal(x, alpha=0.6), 0.6 * reference_code.isotropize(total),
+                               rtol=0, atol=1e-12)
+
+
+def test_iso_c_literal_puts_most_of_a_low_rank_sums_energy_outside_it():
+    # 4 tasks of rank 2 in 24 x 20: the sum has rank k = 8 of d = 20. iso_c flattens the 8 non-zero
+    # singular values; iso_c_literal gives all 20 directions the same value, so (d - k) / d = 60% of
+    # its energy lies outside the sum's row and column spaces. On a full-rank sum they agree.
+    x = low_rank_tasks(4, 2, 24, 20, 0)
+    u, s, vh = torch.linalg.svd(x.sum(0), full_matrices=False)
+    u8, v8 = u[:, :8], vh[:8]
+    literal = iso.merge_c_literal(x)
+    inside = u8 @ (u8.T @ literal @ v8.T) @ v8
+    assert abs(float(1 - inside.norm() ** 2 / literal.norm() ** 2) - 12 / 20) < 1e-10
+    torch.testing.assert_close(inside, iso.merge_c(x) * (s.sum() / 20) / s[:8].mean(), rtol=0, atol=1e-10)
+    full = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(iso.merge_c_literal(full), iso.merge_c(full), rtol=0, atol=1e-12)

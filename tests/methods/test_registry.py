@@ -9,14 +9,16 @@ import torch
 from coremerge import methods
 from coremerge.methods import Method, apply, check_params, get_method, ta, tsv
 
-ALL = ["ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts", "cart"]
+ALL = ["ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts", "cart", "tsv_literal", "iso_c_literal"]
 
 
 def test_the_registered_methods_and_their_defaults():
     assert list(methods.METHODS) == ALL
     assert {name: dict(m.hyperparams) for name, m in methods.METHODS.items()} == {
-        "ta": {}, "ties": {"density": 0.7}, "dare": {"density": 0.1}, "dare_ties": {"density": 0.1},
-        "tsv": {}, "iso_c": {}, "iso_cts": {"common_fraction": 0.8}, "cart": {"density": 0.04, "lam": 1.0},
+        "ta": {}, "ties": {"density": 0.7}, "dare": {"density": 0.1},
+        "dare_ties": {"density": 0.1, "ties_density": 1.0},
+        "tsv": {}, "iso_c": {}, "iso_cts": {"common_fraction": 0.8}, "cart": {"density": 0.04, "lam": 0.1},
+        "tsv_literal": {}, "iso_c_literal": {},
     }
     assert [n for n, m in methods.METHODS.items() if m.random] == ["dare", "dare_ties"]
     assert [n for n, m in methods.METHODS.items() if m.uses_task_ranks] == ["tsv"]
@@ -31,8 +33,8 @@ def test_registry_is_read_only_and_rejects_duplicates():
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match=r"unknown merge method 'x'; expected one of: "
-                                         r"ta, ties, dare, dare_ties, tsv, iso_c, iso_cts, cart"):
+    with pytest.raises(ValueError, match=r"unknown merge method 'x'; expected one of: ta, ties, dare, "
+                                         r"dare_ties, tsv, iso_c, iso_cts, cart, tsv_literal, iso_c_literal"):
         get_method("x")
 
 
@@ -56,7 +58,8 @@ def test_unknown_hyperparameter_names_the_method_and_the_valid_ones():
 
 @pytest.mark.parametrize(("method", "params"), [
     ("ties", {"density": 0}), ("ties", {"density": 1.5}), ("dare", {"density": True}), ("cart", {"density": "0.1"}),
-    ("dare_ties", {"density": float("nan")}), ("iso_cts", {"common_fraction": 1.2}),
+    ("dare_ties", {"density": float("nan")}), ("dare_ties", {"ties_density": 0}), ("dare_ties", {"ties_density": 2}),
+    ("iso_cts", {"common_fraction": 1.2}),
     ("iso_cts", {"common_fraction": -0.1}), ("cart", {"lam": float("inf")}), ("cart", {"lam": False}),
 ])
 def test_bad_values_are_rejected(method, params):

@@ -1,5 +1,6 @@
 """TSV against a literal numpy float64 implementation, plus identities: one task with its
-rank, tasks with orthogonal supports, rotation equivariance."""
+rank, tasks with orthogonal supports, rotation equivariance; tsv_literal against the Core Space
+paper's code, and why it is not the default (its null-space directions are rounding noise)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from coremerge.methods import tsv
+
+import reference_code  # tests/methods/reference_code.py: the Core Space paper's code, re-read
 
 
 def literal_polar(x: np.ndarray) -> np.ndarray:
@@ -112,3 +115,43 @@ def test_keeps_dtype_and_does_not_mutate(random_tasks, dtype):
 def test_rejects_bad_task_ranks(random_tasks, ranks):
     with pytest.raises(ValueError, match="task_ranks"):
         tsv.merge(random_tasks(), task_ranks=ranks)
+
+
+def core_like_tasks(ranks, k: int, seed: int) -> torch.Tensor:
+    """(T, k, k) tasks of the given ranks: core matrices of adapters of mixed ranks."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randn(k, r, generator=g, dtype=torch.float64) @ torch.randn(r, k, generator=g,
+                                                                                        dtype=torch.float64)
+                        for r in ranks])
+
+
+@pytest.mark.parametrize(("x", "what"), [
+    (core_like_tasks([4, 8, 16, 4], 32, 0), "core space, mixed ranks: 8 components each, null ones included"),
+    (core_like_tasks([8, 8, 8, 8], 32, 1), "core space, equal ranks: 8 each, all real"),
+    (rank_deficient_tasks(), "full-space shaped, ranks 1, 2, 1 below 8 // 3"),
+    (torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64), "full rank"),
+    (torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64), "T > d: none each"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_literal_is_the_reference_codes(x, what):
+    torch.testing.assert_close(tsv.merge_literal(x, alpha=0.9), 0.9 * reference_code.tsv(x), rtol=0, atol=1e-12)
+
+
+def test_literal_equals_tsv_when_every_task_fills_its_share():
+    # Every task has at least d // T non-zero components: nothing arbitrary enters, the two agree.
+    x = core_like_tasks([8, 8, 8, 8], 32, 1)
+    torch.testing.assert_close(tsv.merge_literal(x), tsv.merge(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(tsv.merge_literal(x), tsv.merge(x, task_ranks=[8] * 4), rtol=0, atol=1e-12)
+
+
+def test_literal_follows_rounding_noise_where_a_task_falls_short():
+    # Tasks of ranks 4, 8, 16, 4 in a k = 32 core: tsv keeps 4, 8, 16, 4 components (the paper's rule),
+    # tsv_literal 8 of each, 4 of them from the null spaces of two tasks. Noise at 1e-12 of the
+    # tasks' size moves tsv_literal by far more than that; tsv does not move.
+    x = core_like_tasks([4, 8, 16, 4], 32, 0)
+    noise = 1e-12 * x.norm() * torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    ours, literal = tsv.merge(x, task_ranks=[4, 8, 16, 4]), tsv.merge_literal(x)
+    assert (literal - ours).norm() > 0.1 * ours.norm()  # the two rules differ by a lot here
+    moved = (tsv.merge_literal(x + noise) - literal).norm() / literal.norm()
+    assert moved > 1e-3, moved
+    stayed = (tsv.merge(x + noise, task_ranks=[4, 8, 16, 4]) - ours).norm() / ours.norm()
+    assert stayed < 1e-9, stayed
