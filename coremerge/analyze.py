@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from coremerge import methods, peft_io
-from coremerge.linalg import one_thread_if_small, rank_tolerance, svd, thin_svd
+from coremerge.linalg import one_thread_if_small, rank_for_energy, rank_tolerance, svd, thin_svd
 from coremerge.merge import MergeOptions, dtype_name, merged_core_of, open_all, present_in
 from coremerge.paths import check_output_not_input
 from coremerge.spaces import CoreSpace, module_generator
@@ -58,20 +58,7 @@ PLOTS = ("alignment.png", "spectra.png", "truncation.png")
 # ----------------------------------------------------------------------------- figures of spectra
 
 
-def energy_rank(s: Tensor, share: float) -> int:
-    """The fewest leading components of the spectrum ``s`` (descending) whose squared values hold
-    ``share`` of the total; 0 for an all-zero spectrum.
-
-    Example:
-        >>> energy_rank(torch.tensor([3.0, 1.0, 0.0]), 0.9)   # 9 of 10 in the first
-        1
-    """
-    e = s.to(torch.float64) ** 2
-    total = float(e.sum())
-    if total == 0.0:
-        return 0
-    below = int((torch.cumsum(e, 0) < share * total * (1 - 1e-12)).sum())  # prefixes that fall short
-    return min(below + 1, int((e > 0).sum()))
+energy_rank = rank_for_energy  # the fewest leading components holding a share of the energy (coremerge.linalg)
 
 
 def truncation_errors(s: Tensor, length: int) -> list[float]:
