@@ -1,4 +1,4 @@
-"""The ``coremerge`` command: merge, analyze, inspect, demo.
+"""The ``coremerge`` command: merge, analyze, eval, inspect, demo.
 
 Bad input ends with one line on stderr naming the adapter and what was expected,
 exit status 2, and nothing written. That includes an ``--out`` that is, contains or lies inside an
@@ -96,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--force", action="store_true",
                          help="replace an existing --out, if it is a report coremerge analyze wrote or empty")
 
+    evaluate = sub.add_parser("eval", help="score adapters with lm-eval on one loaded base model",
+                              description="Score PEFT adapters on lm-eval tasks: the base model is loaded once "
+                                          "(placed by accelerate), each adapter attached with PEFT, evaluated with "
+                                          "lm-eval, and detached.")
+    evaluate.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT adapter directory")
+    evaluate.add_argument("--base", required=True, help="base model: a local directory or a Hub id in the HF cache")
+    evaluate.add_argument("--tasks", action="append", required=True, metavar="T[,T...]",
+                          help="lm-eval task names, or task YAML files / folders (repeatable or comma-separated)")
+    evaluate.add_argument("--limit", type=int, help="examples per task (default: all)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda (every visible GPU) or cuda:N (default: cpu)")
+    evaluate.add_argument("--dtype", default="float32", help="dtype of the base model (default: float32)")
+    evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds (default: 0)")
+    evaluate.add_argument("--baseline", action="store_true", help="also score the base model alone")
+    evaluate.add_argument("--out", type=Path, help="write the scores as JSON to this file")
+    evaluate.add_argument("--force", action="store_true", help="replace an existing --out file")
+
     inspect = sub.add_parser("inspect", help="show adapters' modules, ranks, scales and whether they merge")
     inspect.add_argument("adapters", nargs="+", metavar="ADAPTER")
 
@@ -117,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "eval":
+            return _eval(args)
         from coremerge.demo import run_demo
 
         return run_demo(args.dir, use_ray=not args.no_ray)
@@ -223,6 +243,42 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.out is not None:
         print(f"wrote {args.out}")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("lm_eval", "transformers", "peft", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"coremerge eval needs {', '.join(missing)}: pip install 'coremerge[eval]'")
+    if not args.verbose:  # lm-eval's notices (a pre-loaded model, default aggregations); -v shows them
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    from coremerge import evaluate, peft_io
+
+    if not args.adapters and not args.baseline:
+        raise ValueError("nothing to score: name adapters, or --baseline for the base model alone")
+    if args.out is not None and args.out.exists() and not args.force:
+        raise ValueError(f"--out {args.out} exists; pass --force to replace it")
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a file name for the scores (JSON)")
+    tasks = [t.strip() for given in args.tasks for t in given.split(",") if t.strip()]
+    settings = evaluate.EvalSettings(base_model=args.base, tasks=tuple(tasks), limit=args.limit,
+                                     batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device,
+                                     dtype=args.dtype, seed=args.seed).checked()
+    task_set = evaluate.resolve_tasks(settings.tasks)
+    evaluate.task_manager(task_set)  # unknown tasks: one line, before any model is loaded
+    sources = [peft_io.open_adapter(spec) for spec in args.adapters]
+    evaluate.check_fits(evaluate.base_skeleton(args.base), sources)
+    evaluator = evaluate.Evaluator(settings, tasks=task_set)
+    scores = evaluator.score(None) if args.baseline else []
+    for src in sources:
+        scores += evaluator.score(src.path, name=src.name, sha256=peft_io.weights_sha256(src))
+    print("\n".join(evaluate.format_table(scores)))
+    if args.out is not None:
+        evaluate.write_scores(args.out, scores, settings=settings, revision=evaluator.revision,
+                              fingerprint=evaluator.fingerprint)
+        print(f"wrote {args.out}")
+    return 1 if any(s.error is not None for s in scores) else 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
