@@ -221,7 +221,9 @@ def _full_space(module: str, deltas: Tensor, merge: MergeSpec, weights: Sequence
     dense = methods.apply(options.method, deltas * w[:, None, None], alpha=options.alpha, params=options.params,
                           task_ranks=None, generator=generator)  # (m, n)
     figures = MergeFigures.of(dense, rows=deltas.shape[1], sar_energy=sar_energy)
-    return {"sar_full": alignment(figures.directions, deltas.to(torch.float64)),
+    sar = [alignment(figures.directions, deltas[t:t + 1].to(torch.float64))[0]  # one dense task in float64 at a time
+           for t in range(deltas.shape[0])]
+    return {"sar_full": sar,
             "sar_full_k": figures.directions.shape[1], "full_merged_sv": figures.sv.tolist(),
             "full_merged_rank": figures.sv.shape[0],
             **{f"full_merged_rank_{_pct(p)}": r for p, r in zip(ENERGY_SHARES, figures.energy_ranks)}}

@@ -32,7 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         from pipeline.report import report_file
 
-        return report_file(args.job)
+        try:
+            return report_file(args.job)
+        except KeyboardInterrupt:
+            print("pipeline: report interrupted; nothing was written", file=sys.stderr)
+            return 130
     from pipeline.status import plan_file, status_file
 
     return status_file(args.job) if args.command == "status" else plan_file(args.job)

@@ -60,7 +60,7 @@ def report_file(path: Path) -> int:
                 info = _shard_info(shard) if shard_intact(shard, row["sha256"]) else None
             except _NOT_A_SHARD:
                 info = None
-            if info is None or "analysis" not in info:
+            if info is None or not _rows_ok(info.get("analysis")):
                 continue
             rows.extend(info["analysis"])
             found += 1
@@ -95,6 +95,15 @@ def report_file(path: Path) -> int:
     for note in notes:
         print(f"note: {note}")
     return EXIT_OK
+
+
+_ROW_KEYS = ("module", "layer", "kind", "merge", "task", "sar", "merged_sv", "truncation_error", "task_sv", "k")
+
+
+def _rows_ok(rows: object) -> bool:
+    """Whether a shard file's analysis is a list of rows as the worker writes them (a shard file proves
+    its bytes by their sha256, but not that an older or foreign writer put the same fields in)."""
+    return isinstance(rows, list) and all(isinstance(r, dict) and all(k in r for k in _ROW_KEYS) for r in rows)
 
 
 def _nan_back(row: dict[str, object]) -> dict[str, object]:

@@ -101,3 +101,17 @@ def test_a_report_before_any_run_says_so(tmp_path, adapters, capsys):
     err = capsys.readouterr().err
     assert err.startswith("pipeline: error: nothing analysed yet") and err.count("\n") == 1
     assert not (tmp_path / "out" / "report").exists()
+
+
+def test_a_report_directory_the_job_did_not_write_is_never_replaced(tmp_path, adapters, capsys):
+    job = write_job(tmp_path / "job.yaml", JOB.format(analyze="analyze: true"))
+    assert run_job_file(job) == 0
+    mine = tmp_path / "out" / "report"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert report_file(job) == 1
+    err = capsys.readouterr().err
+    assert "refusing to replace it" in err and err.count("\n") == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".report")]  # no temp left
