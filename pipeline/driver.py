@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -199,10 +200,13 @@ class Resources:
 def resolve_resources(job: JobSpec, cluster: Mapping[str, float]) -> Resources:
     """The job's worker settings, with defaults taken from the cluster's resources.
 
+    GPU workers get the CPUs that come with their share of the GPUs (16 CPUs and 4 GPUs: 4 each), so
+    that a node's CPUs are not left idle beside its GPUs; CPU workers get 2 each.
+
     Example:
         >>> job = JobSpec(path=Path("j.yaml"), output_dir=Path("out"), merges=())
-        >>> resolve_resources(job, {"CPU": 16.0, "GPU": 4.0})
-        Resources(workers=4, cpus_per_worker=1.0, gpus_per_worker=1.0)
+        >>> resolve_resources(job, {"CPU": 16.0, "GPU": 4.0})   # a GPU's share of the CPUs each
+        Resources(workers=4, cpus_per_worker=4.0, gpus_per_worker=1.0)
         >>> resolve_resources(job, {"CPU": 8.0})
         Resources(workers=4, cpus_per_worker=2.0, gpus_per_worker=0.0)
         >>> resolve_resources(dataclasses.replace(job, workers=2), {"CPU": 2.0})
@@ -212,8 +216,8 @@ def resolve_resources(job: JobSpec, cluster: Mapping[str, float]) -> Resources:
     gpus = job.gpus_per_worker if job.gpus_per_worker is not None else (1.0 if cluster_gpus >= 1 else 0.0)
     if job.cpus_per_worker is not None:
         cpus = job.cpus_per_worker
-    elif gpus > 0:
-        cpus = 1.0
+    elif gpus > 0:  # the CPUs that come with that share of the GPUs (torch threads of the actor's host-side work)
+        cpus = max(1.0, float(math.floor(cluster_cpus * min(gpus, cluster_gpus or gpus) / max(cluster_gpus, gpus))))
     else:  # 2 each, fewer when the workers asked for would not fit
         share = cluster_cpus // job.workers if job.workers else cluster_cpus
         cpus = max(1.0, min(2.0, share))

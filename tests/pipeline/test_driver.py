@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -222,3 +223,20 @@ def test_prune_shards_keeps_what_the_job_uses(tmp_path):
     assert prune_shards(out, rows, ["a", "b"]) == []  # nothing more to do
     # a shard not finished does not keep its bases: the next run writes them again
     assert set(prune_shards(out, [{**rows[0], "status": "running"}], ["a"])) == {kept, used[0]}
+
+
+@pytest.mark.parametrize("cluster, given, want", [
+    ({"CPU": 16.0, "GPU": 4.0}, {}, (4, 4.0, 1.0)),  # a GPU's share of the node's CPUs each, not 1 of 16
+    ({"CPU": 8.0, "GPU": 1.0}, {}, (1, 8.0, 1.0)),
+    ({"CPU": 16.0, "GPU": 2.0}, {"gpus_per_worker": 0.5}, (4, 4.0, 0.5)),
+    ({"CPU": 2.0, "GPU": 2.0}, {}, (2, 1.0, 1.0)),
+    ({"CPU": 16.0, "GPU": 4.0}, {"cpus_per_worker": 2.0}, (4, 2.0, 1.0)),  # the job file's value wins
+    ({"CPU": 8.0}, {}, (4, 2.0, 0.0)),
+])
+def test_gpu_workers_get_the_cpus_that_come_with_their_gpus(cluster, given, want):
+    from pipeline.config import JobSpec
+    from pipeline.driver import resolve_resources
+
+    job = JobSpec(path=Path("job.yaml"), output_dir=Path("out"), merges=(), **given)
+    res = resolve_resources(job, cluster)
+    assert (res.workers, res.cpus_per_worker, res.gpus_per_worker) == want
