@@ -201,6 +201,20 @@ def _cli(*args, cwd=None):
                           cwd=cwd, timeout=300)
 
 
+class _Done:
+    def __init__(self, returncode, out, err):
+        self.returncode, self.stdout, self.stderr = returncode, out, err
+
+
+def _main(capsys, *args):
+    """The command in this process (the first test runs it as its own process)."""
+    from coremerge import cli
+
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return _Done(code, captured.out, captured.err)
+
+
 def test_the_command_analyses_heterogeneous_lora_and_vera_adapters(adapters, tmp_path):
     out = tmp_path / "report"
     done = _cli("analyze", *adapters, "--method", "ta,tsv", "--method", "ties", "--full", "--out", out, "--json")
@@ -232,20 +246,20 @@ def test_the_command_analyses_heterogeneous_lora_and_vera_adapters(adapters, tmp
     assert "| ta | 1 |" in text and "vera" in text
 
 
-def test_the_report_is_written_whole_and_never_over_what_it_did_not_write(adapters, tmp_path):
+def test_the_report_is_written_whole_and_never_over_what_it_did_not_write(adapters, tmp_path, capsys):
     out = tmp_path / "report"
-    assert _cli("analyze", *adapters[:2], "--method", "ta", "--out", out).returncode == 0
+    assert _main(capsys, "analyze", *adapters[:2], "--method", "ta", "--out", out).returncode == 0
     first = (out / analyze.JSON_NAME).read_text()
-    again = _cli("analyze", *adapters[:2], "--method", "ta", "--out", out)
+    again = _main(capsys, "analyze", *adapters[:2], "--method", "ta", "--out", out)
     assert again.returncode == 2 and "pass --force" in again.stderr and again.stderr.count("\n") == 1
-    assert _cli("analyze", *adapters[:2], "--method", "tsv", "--out", out, "--force").returncode == 0
+    assert _main(capsys, "analyze", *adapters[:2], "--method", "tsv", "--out", out, "--force").returncode == 0
     assert (out / analyze.JSON_NAME).read_text() != first
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    refused = _cli("analyze", *adapters[:2], "--out", other, "--force")
+    refused = _main(capsys, "analyze", *adapters[:2], "--out", other, "--force")
     assert refused.returncode == 2 and (other / "keep.txt").read_text() == "mine"
-    inside = _cli("analyze", *adapters[:2], "--out", adapters[0] / "report", "--force")
+    inside = _main(capsys, "analyze", *adapters[:2], "--out", adapters[0] / "report", "--force")
     assert inside.returncode == 2 and "inside adapter" in inside.stderr
     assert sorted(p.name for p in adapters[0].iterdir()) == ["README.md", "adapter_config.json",
                                                               "adapter_model.safetensors"]
@@ -270,7 +284,7 @@ def test_a_failure_while_writing_leaves_no_report(adapters, tmp_path, monkeypatc
     (["--sar-energy", "0", "--json"], "--sar-energy must be a share in (0, 1]"),
     ([], "give --out DIR"),
 ])
-def test_bad_options_are_one_line_and_exit_2(adapters, args, message):
-    done = _cli("analyze", *adapters[:2], *args)
+def test_bad_options_are_one_line_and_exit_2(adapters, args, message, capsys):
+    done = _main(capsys, "analyze", *adapters[:2], *args)
     assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1
     assert done.stdout == ""
