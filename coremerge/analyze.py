@@ -36,6 +36,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,11 +119,12 @@ class MergeFigures:
     energy_ranks: tuple[int, ...]  # one per ENERGY_SHARES
 
     @classmethod
-    def of(cls, merged: Tensor | None, *, rows: int, sar_energy: float) -> "MergeFigures":
+    def of(cls, merged: Tensor | None, *, rows: int, sar_energy: float,
+           dtype: torch.dtype = torch.float64) -> "MergeFigures":
         if merged is None:  # every update of the module is zero
-            empty = torch.zeros(0, dtype=torch.float64)
-            return cls(sv=empty, directions=torch.zeros(rows, 0, dtype=torch.float64), energy_ranks=(0,) * 3)
-        u, s, _ = thin_svd(merged.to(torch.float64))  # (p, d), (d,)
+            empty = torch.zeros(0, dtype=dtype)
+            return cls(sv=empty, directions=torch.zeros(rows, 0, dtype=dtype), energy_ranks=(0,) * 3)
+        u, s, _ = thin_svd(merged)  # (p, d), (d,): in the merge's dtype (the compute dtype)
         return cls(sv=s, directions=u[:, :energy_rank(s, sar_energy)],
                    energy_ranks=tuple(energy_rank(s, p) for p in ENERGY_SHARES))
 
@@ -170,7 +172,7 @@ def analyze_module(module: str, space: CoreSpace, task_names: Sequence[str], mer
 def _analyze_module(module: str, space: CoreSpace, task_names: Sequence[str], merges: Sequence[MergeSpec],
                     weights: Mapping[str, Sequence[float]], sar_energy: float, deltas: Tensor | None,
                     cores: dict[tuple, Tensor | None] | None) -> list[dict[str, object]]:
-    tasks = space.cores.to(torch.float64)  # (T, ku, kv)
+    tasks = space.cores  # (T, ku, kv), in the compute dtype (float32 by default, as the merge itself)
     left, sv, _ = svd(tasks)  # one batched SVD: (T, ku, d), (T, d)
     task_spectra, columns = [], []
     for t, rank in enumerate(space.ranks):  # a task's core has its adapter's rank at most
@@ -185,8 +187,8 @@ def _analyze_module(module: str, space: CoreSpace, task_names: Sequence[str], me
     for merge in merges:
         options = merge.options
         core = merged_core_of(space, module, options, weights[merge.label], cores)  # (ku, kv) at alpha 1, or None
-        merged = None if core is None else options.alpha * core.to(torch.float64)
-        figures = MergeFigures.of(merged, rows=tasks.shape[1], sar_energy=sar_energy)
+        merged = None if core is None else options.alpha * core
+        figures = MergeFigures.of(merged, rows=tasks.shape[1], sar_energy=sar_energy, dtype=tasks.dtype)
         sar = alignment(figures.directions, tasks)
         full: dict[str, object] = {}
         if deltas is not None:
@@ -220,9 +222,8 @@ def _full_space(module: str, deltas: Tensor, merge: MergeSpec, weights: Sequence
     w = torch.as_tensor(list(weights), dtype=deltas.dtype)
     dense = methods.apply(options.method, deltas * w[:, None, None], alpha=options.alpha, params=options.params,
                           task_ranks=None, generator=generator)  # (m, n)
-    figures = MergeFigures.of(dense, rows=deltas.shape[1], sar_energy=sar_energy)
-    sar = [alignment(figures.directions, deltas[t:t + 1].to(torch.float64))[0]  # one dense task in float64 at a time
-           for t in range(deltas.shape[0])]
+    figures = MergeFigures.of(dense, rows=deltas.shape[1], sar_energy=sar_energy, dtype=deltas.dtype)
+    sar = [alignment(figures.directions, deltas[t:t + 1])[0] for t in range(deltas.shape[0])]
     return {"sar_full": sar,
             "sar_full_k": figures.directions.shape[1], "full_merged_sv": figures.sv.tolist(),
             "full_merged_rank": figures.sv.shape[0],
@@ -295,17 +296,32 @@ def analyze(specs: Sequence[str | os.PathLike], merges: Sequence[MergeSpec], *, 
     if len(dtypes) != 1:
         raise ValueError("every analysed merge must use one compute dtype")
     dtype = dtypes.pop()
-    rows: list[dict[str, object]] = []
-    for module in peft_io.union_modules(sources):
+
+    def one(module: str) -> list[dict[str, object]]:
         present = present_in(sources, module)
         factors = [peft_io.load_factors(sources[i], module, dtype=dtype) for i in present]
         space = CoreSpace.build(factors)
         weights = {merge.label: [merge.options.weights[i] for i in present] for merge in merges}
         deltas = torch.stack([f.delta() for f in factors]) if full else None  # (T, m, n)
-        rows.extend(analyze_module(module, space, [names[i] for i in present], merges, weights,
-                                   sar_energy=sar_energy, deltas=deltas))
-        if on_module is not None:
-            on_module(module)
+        return analyze_module(module, space, [names[i] for i in present], merges, weights,
+                              sar_energy=sar_energy, deltas=deltas)
+
+    # Modules side by side, each on one torch thread: the work of a module is small decompositions and
+    # thin products, which threads would only make wait on each other (and on a busy machine, on the
+    # slowest core). With --full, one module at a time: its dense updates are the memory.
+    modules = peft_io.union_modules(sources)
+    workers = 1 if full else max(1, min(os.cpu_count() or 1, len(modules)))
+    rows: list[dict[str, object]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for module, module_rows in zip(modules, pool.map(one, modules)):  # in module order
+                rows.extend(module_rows)
+                if on_module is not None:
+                    on_module(module)
+    finally:
+        torch.set_num_threads(threads)
     adapters = tuple({"name": name, "path": str(src.path), "peft_type": src.peft_type, "modules": len(src.modules),
                       "ranks": sorted({spec.rank for spec in src.modules.values()}), "dtype": dtype_name(src.dtype)}
                      for name, src in zip(names, sources))
@@ -331,11 +347,14 @@ def summarize(analysis: Analysis) -> dict[str, object]:
     for merge in analysis.merges:
         rows = [row for row in analysis.rows if row["merge"] == merge.label]
         first = {}  # one row per module: the module-level figures
+        sar_of_module: dict[str, list[float]] = {}
         for row in rows:
             first.setdefault(row["module"], row)
+            sar_of_module.setdefault(row["module"], []).append(row["sar"])
+        module_sar = {mod: _mean(values) for mod, values in sar_of_module.items()}
         by_task = {space: {task: _mean([r[key] for r in rows if r["task"] == task]) for task in analysis.tasks}
                    for space, key in (("core", "sar"), ("full", "sar_full")) if space == "core" or analysis.full}
-        lowest = sorted(first, key=lambda mod: _mean([r["sar"] for r in rows if r["module"] == mod]) or 0.0)[:5]
+        lowest = sorted(first, key=lambda mod: module_sar[mod] if module_sar[mod] is not None else 0.0)[:5]
         per_merge.append({
             "merge": merge.label, "method": merge.options.method, "alpha": merge.options.alpha,
             "params": dict(merge.options.params),
@@ -346,8 +365,7 @@ def summarize(analysis: Analysis) -> dict[str, object]:
                                 for p in ENERGY_SHARES},
             "mean_rank_for_energy": {_pct(p): _mean([r[f"merged_rank_{_pct(p)}"] for r in first.values()])
                                      for p in ENERGY_SHARES},
-            "lowest_alignment": [{"module": mod, "mean_sar": _mean([r["sar"] for r in rows if r["module"] == mod])}
-                                 for mod in lowest],
+            "lowest_alignment": [{"module": mod, "mean_sar": module_sar[mod]} for mod in lowest],
         })
     pairs = {}
     for row in analysis.rows:
@@ -540,7 +558,7 @@ def write_plots(analysis: Analysis, directory: Path) -> None:
         fig.colorbar(image, ax=ax)
     axes[-1, 0].set_xlabel("layer")
     fig.tight_layout()
-    fig.savefig(directory / PLOTS[0], dpi=110)
+    fig.savefig(directory / PLOTS[0], dpi=90)
     plt.close(fig)
 
     k_max = max((row["k"] for row in analysis.rows), default=1)
@@ -560,7 +578,7 @@ def write_plots(analysis: Analysis, directory: Path) -> None:
     left.legend(fontsize=7)
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(directory / PLOTS[1], dpi=110)
+    fig.savefig(directory / PLOTS[1], dpi=90)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -575,7 +593,7 @@ def write_plots(analysis: Analysis, directory: Path) -> None:
            ylabel="‖ΔW − ΔW_q‖ / ‖ΔW‖", ylim=(0, 1.02))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(directory / PLOTS[2], dpi=110)
+    fig.savefig(directory / PLOTS[2], dpi=90)
     plt.close(fig)
 
 
